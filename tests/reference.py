@@ -1,0 +1,186 @@
+"""Independent plain-PyTorch references for the tracing primitives.
+
+Nothing here uses headscope's adapters or nnsight: module paths are spelled out per
+family, edits are forward hooks on the transformers model, attention maps come from
+eager attention with output_attentions=True, and steering is a hand-written eager
+attention function registered with transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from headscope.core.tiny import build_tiny_model
+
+FAMILIES = ("llama", "qwen2", "gemma3", "gpt2")
+
+
+def eager_model(family: str, implementation: str = "eager") -> torch.nn.Module:
+    return build_tiny_model(family, attn_implementation=implementation)
+
+
+def out_proj(model: torch.nn.Module, family: str, layer: int) -> torch.nn.Module:
+    if family == "gpt2":
+        return model.transformer.h[layer].attn.c_proj
+    return model.model.layers[layer].self_attn.o_proj
+
+
+def q_proj(model: torch.nn.Module, family: str, layer: int) -> torch.nn.Module:
+    if family == "gpt2":
+        return model.transformer.h[layer].attn.c_attn  # q is the first third
+    return model.model.layers[layer].self_attn.q_proj
+
+
+def dims(model: torch.nn.Module) -> tuple[int, int]:
+    """(query heads, head dim)."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, head_dim
+
+
+@contextlib.contextmanager
+def hooks(pairs: list[tuple[torch.nn.Module, Callable]], pre: bool = True) -> Iterator[None]:
+    handles = [
+        m.register_forward_pre_hook(fn) if pre else m.register_forward_hook(fn) for m, fn in pairs
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture_o_inputs(model, family, inputs, layers) -> dict[int, torch.Tensor]:
+    """Per-head outputs [b, s, H, hd] at each layer via forward pre-hooks."""
+    heads, head_dim = dims(model)
+    seen: dict[int, torch.Tensor] = {}
+
+    def grab(layer):
+        def fn(module, args):
+            x = args[0]
+            seen[layer] = x.detach().clone().view(*x.shape[:2], heads, head_dim)
+
+        return fn
+
+    with hooks([(out_proj(model, family, layer), grab(layer)) for layer in layers]):
+        with torch.no_grad():
+            model(**inputs)
+    return seen
+
+
+def replace_heads_hook(
+    heads: list[int], head_dim: int, values: Callable[[torch.Tensor, int], torch.Tensor]
+):
+    """A pre-hook that overwrites head slices of the o_proj input."""
+
+    def fn(module, args):
+        x = args[0].clone()
+        for head in heads:
+            cols = slice(head * head_dim, (head + 1) * head_dim)
+            x[..., cols] = values(x[..., cols], head)
+        return (x,) + tuple(args[1:])
+
+    return fn
+
+
+def zero_query_hook(heads: list[int], head_dim: int):
+    """A forward hook zeroing head slices of the query projection output."""
+
+    def fn(module, args, output):
+        output = output.clone()
+        for head in heads:
+            output[..., head * head_dim : (head + 1) * head_dim] = 0
+        return output
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------
+# Steering reference: eager attention with a bias written out by hand
+# ---------------------------------------------------------------------------------
+BIAS_SPEC: dict = {}
+
+
+def _biased_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    spec = BIAS_SPEC.get(module.layer_idx)
+    if spec is not None:
+        bias = torch.zeros_like(weights)
+        q_len, k_len = weights.shape[2], weights.shape[3]
+        first_query = k_len - q_len
+        for head in spec["heads"]:
+            for row in range(q_len):
+                if spec["query_from"] is not None and first_query + row < spec["query_from"]:
+                    continue
+                for col in spec["keys"]:
+                    z = weights[:, head, row, col]
+                    bias[:, head, row, col] = (
+                        spec["value"] if spec["mode"] == "add" else spec["value"] * z.abs()
+                    )
+        weights = weights + bias
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    probs = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+AttentionInterface.register("hs_reference_bias", _biased_eager)
+AttentionMaskInterface.register("hs_reference_bias", eager_mask)
+
+
+RECORDED: dict = {}
+
+
+def _recording_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention that keeps the query/key/mask it was given, per layer."""
+    RECORDED[module.layer_idx] = {
+        "query": query,
+        "key": key,
+        "mask": attention_mask,
+        "scaling": scaling,
+    }
+    spec, BIAS_SPEC_SAVED = BIAS_SPEC.pop(module.layer_idx, None), None
+    try:
+        return _biased_eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    finally:
+        if spec is not None:
+            BIAS_SPEC[module.layer_idx] = spec
+        del BIAS_SPEC_SAVED
+
+
+AttentionInterface.register("hs_reference_record", _recording_eager)
+AttentionMaskInterface.register("hs_reference_record", eager_mask)
+
+
+def recording_model(family: str) -> torch.nn.Module:
+    return build_tiny_model(family, attn_implementation="hs_reference_record")
+
+
+def biased_model(family: str) -> torch.nn.Module:
+    return build_tiny_model(family, attn_implementation="hs_reference_bias")
+
+
+def greedy(model, input_ids, steps, attention_mask=None, **kwargs):
+    """Plain transformers greedy decoding: the generated ids and per-step attentions."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=1,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+    return out

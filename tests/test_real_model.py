@@ -1,0 +1,51 @@
+"""The embedded default model end to end (smollm2-135m from PyPI, cached safetensors)."""
+
+from __future__ import annotations
+
+import pytest
+
+from headscope.core import tracing as T
+from headscope.core.models import load_model
+
+pytestmark = pytest.mark.real_model
+
+
+def test_structure_matches_smollm2(smollm2):
+    info = smollm2.info()
+    assert (info["layers"], info["query_heads"], info["kv_heads"], info["head_dim"]) == (
+        30,
+        9,
+        3,
+        64,
+    )
+    assert info["max_positions"] == 8192
+    assert info["family"] == "llama"
+
+
+def test_greedy_answer_to_ioi_prompt_is_mary(smollm2):
+    batch = T.make_batch(smollm2, ["When Mary and John went to the store, John gave a drink to"])
+    result = T.generate(smollm2, batch, 1)
+    assert smollm2.decode(result.tokens[0]) == " Mary"
+
+
+def test_second_load_comes_from_the_cache_quickly(smollm2):
+    again = load_model("smollm2-135m")
+    assert again.cache_path == smollm2.cache_path
+    assert again.load_seconds < 2.0
+
+
+def test_attention_rows_on_the_real_model_match_eager(smollm2):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    batch = T.make_batch(smollm2, ["The capital of France is Paris. The capital of Italy is"])
+    layers = [0, 14, 29]
+    ours = T.forward(smollm2, batch, [T.AttentionRows(layers, [-1, 3], output="probs")])
+    eager = AutoModelForCausalLM.from_pretrained(smollm2.cache_path, attn_implementation="eager")
+    with torch.no_grad():
+        ref = eager(**batch.model_inputs(), output_attentions=True).attentions
+    cols = batch.absolute([-1, 3])[0]
+    for layer in layers:
+        torch.testing.assert_close(
+            ours.get("rows", layer)[0], ref[layer][0][:, cols], atol=1e-4, rtol=0
+        )
