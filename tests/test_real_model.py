@@ -49,3 +49,24 @@ def test_attention_rows_on_the_real_model_match_eager(smollm2):
         torch.testing.assert_close(
             ours.get("rows", layer)[0], ref[layer][0][:, cols], atol=1e-4, rtol=0
         )
+
+
+def test_head_detector_on_smollm2_stores_all_270_heads(capsys, tmp_path):
+    from cli_helpers import run_cli
+
+    db = str(tmp_path / "real.db")
+    result = run_cli(
+        capsys, "run", "head-detector", "--model", "smollm2-135m", "--format", "json", "--db", db
+    )
+    assert result.code == 0, result.err
+    document = result.json()
+    heads = {(r["layer"], r["head"]) for r in document["head_scores"]}
+    assert len(heads) == 270
+    metrics = {r["metric"] for r in document["head_scores"]}
+    assert metrics == {"previous_token", "duplicate_token", "induction", "sink_mass"}
+    induction = {
+        (r["layer"], r["head"]): r["value"]
+        for r in document["head_scores"]
+        if r["metric"] == "induction"
+    }
+    assert max(induction.values()) > 0.3  # SmolLM2 has clear induction heads

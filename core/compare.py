@@ -1,0 +1,118 @@
+"""Comparing head sets: overlap of two runs' heads, overall and by layer band.
+
+Used for circuit reuse (Merullo et al.: the same heads serving two tasks) and for
+checking one method against another (SAE circuit vs patching reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+Head = tuple[int, int]
+
+
+def select_heads(scores: Mapping[Head, float], rule: str, value: float) -> set[Head]:
+    """Heads by rule: ("top", k) the k highest, ("threshold", t) those above t."""
+    if rule == "top":
+        ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+        return {head for head, _ in ranked[: int(value)]}
+    if rule == "threshold":
+        return {head for head, score in scores.items() if score > value}
+    raise ValueError(f"unknown head selection rule {rule!r} (top or threshold)")
+
+
+def overlap(a: set[Head], b: set[Head]) -> dict[str, Any]:
+    """Jaccard |A∩B|/|A∪B| and overlap coefficient |A∩B|/min(|A|,|B|)."""
+    both, either = a & b, a | b
+    smaller = min(len(a), len(b))
+    return {
+        "size_a": len(a),
+        "size_b": len(b),
+        "intersection": len(both),
+        "union": len(either),
+        "jaccard": len(both) / len(either) if either else 0.0,
+        "overlap_coefficient": len(both) / smaller if smaller else 0.0,
+        "shared_heads": sorted(both),
+    }
+
+
+def layer_bands(n_layers: int, bands: int = 3) -> list[tuple[str, range]]:
+    """Split layers into early/middle/late (or `bands` equal) ranges."""
+    names = {3: ["early", "middle", "late"]}.get(bands) or [f"band{i}" for i in range(bands)]
+    edges = [round(i * n_layers / bands) for i in range(bands + 1)]
+    return [(names[i], range(edges[i], edges[i + 1])) for i in range(bands)]
+
+
+def compare_head_sets(a: set[Head], b: set[Head], n_layers: int, bands: int = 3) -> dict[str, Any]:
+    result = overlap(a, b)
+    result["bands"] = []
+    for name, layers in layer_bands(n_layers, bands):
+        part_a = {h for h in a if h[0] in layers}
+        part_b = {h for h in b if h[0] in layers}
+        band = overlap(part_a, part_b)
+        band.pop("shared_heads")
+        result["bands"].append({"band": name, "layers": [layers.start, layers.stop - 1], **band})
+    return result
+
+
+def compare_runs(
+    store: Any,
+    registry: Any,
+    run_a: int,
+    run_b: int,
+    metric_a: str | None = None,
+    metric_b: str | None = None,
+    rule: str | None = None,
+    value: float | None = None,
+    bands: int = 3,
+) -> dict[str, Any]:
+    """Head-set overlap of two stored runs.
+
+    Each run's head set comes from its metric (default: its analysis's primary
+    metric) and a selection rule (default: its analysis's own, e.g. retrieval score
+    above 0.1); give `rule`/`value` to use one rule for both.
+    """
+    from .errors import InvalidParamsError
+
+    sides = []
+    for run_id, metric in ((run_a, metric_a), (run_b, metric_b)):
+        run = store.get_run(run_id)
+        if run.status != "succeeded":
+            raise InvalidParamsError(
+                f"run {run_id} has status {run.status}; only finished runs compare"
+            )
+        analysis = registry.analyses.get(run.analysis)
+        available = store.head_metrics(run_id)
+        if not available:
+            raise InvalidParamsError(f"run {run_id} ({run.analysis}) has no per-head scores")
+        chosen = metric or (analysis.primary_metric if analysis else None) or available[0]
+        if chosen not in available:
+            raise InvalidParamsError(
+                f"run {run_id} has no head metric {chosen!r}; it has: {', '.join(available)}"
+            )
+        own_rule, own_value = analysis.head_selection if analysis else ("top", 10)
+        use_rule = rule or own_rule
+        use_value = value if value is not None else own_value
+        scores = {(r["layer"], r["head"]): r["value"] for r in store.head_scores(run_id, chosen)}
+        heads = select_heads(scores, use_rule, use_value)
+        n_layers = 1 + max(layer for layer, _ in scores)
+        sides.append(
+            {
+                "run_id": run_id,
+                "analysis": run.analysis,
+                "model": run.model,
+                "metric": chosen,
+                "rule": use_rule,
+                "value": use_value,
+                "heads": sorted(heads),
+                "n_layers": n_layers,
+            }
+        )
+    result = compare_head_sets(
+        set(map(tuple, sides[0]["heads"])),
+        set(map(tuple, sides[1]["heads"])),
+        max(sides[0]["n_layers"], sides[1]["n_layers"]),
+        bands,
+    )
+    return {"a": sides[0], "b": sides[1], **result}

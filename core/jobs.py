@@ -1,0 +1,171 @@
+"""Running an analysis as a recorded job.
+
+`prepare` validates everything that can be checked before work starts (analysis
+name, params, model name); `execute` loads the model, runs the analysis and writes
+its findings in one transaction. Bad input is rejected before a run row exists, so
+nothing half-written is ever stored; failures during the work record the error on
+the run and leave every other run untouched.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from .analysis import Analysis, FindingsReader, RunContext
+from .errors import CancelledError, HeadscopeError
+from .models import ModelHandle
+
+log = logging.getLogger("headscope.jobs")
+
+TRACKED_PACKAGES = ("torch", "transformers", "nnsight", "pluggy", "sqlalchemy", "numpy")
+
+# progress(done, total, message)
+ProgressCallback = Callable[[float, float | None, str], None]
+
+
+def package_versions(extra: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in ("headscope", *TRACKED_PACKAGES):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions.update(extra or {})
+    return versions
+
+
+@dataclass
+class PreparedRun:
+    """A validated request, ready to be recorded and executed."""
+
+    analysis: type[Analysis]
+    model_name: str
+    params: BaseModel
+    seed: int
+    plugin: str | None
+    plugin_version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params_json(self) -> dict[str, Any]:
+        return self.params.model_dump(mode="json")
+
+
+def prepare(
+    registry: Any, analysis: str, model: str, params: dict | None, seed: int = 0
+) -> PreparedRun:
+    """Check the analysis, params and model name; raises before anything is stored."""
+    cls = registry.analysis(analysis)
+    parsed = cls.parse_params(params)
+    spec = registry.models.resolve(model)
+    plugin = registry.analysis_plugins.get(analysis)
+    return PreparedRun(cls, spec.name, parsed, int(seed), plugin, registry.plugin_version(plugin))
+
+
+def check_against_model(prepared: PreparedRun, handle: ModelHandle) -> None:
+    """Model-dependent validation (e.g. lengths within the model's positions)."""
+    checker = getattr(prepared.analysis, "check", None)
+    if checker is not None:
+        checker(prepared.params, handle)
+
+
+def record(store: Any, prepared: PreparedRun) -> int:
+    """Write the run as queued; returns its id."""
+    versions = package_versions({f"plugin:{prepared.plugin}": prepared.plugin_version})
+    return store.create_run(
+        analysis=prepared.analysis.name,
+        analysis_version=prepared.analysis.version,
+        model_name=prepared.model_name,
+        params=prepared.params_json,
+        seed=prepared.seed,
+        plugin=prepared.plugin,
+        packages=versions,
+    )
+
+
+class _ProgressRelay:
+    """Forwards progress to the UI and (throttled) to the store; learns of cancels."""
+
+    def __init__(self, store: Any, run_id: int, ui: ProgressCallback | None, every: float = 0.5):
+        self.store, self.run_id, self.ui, self.every = store, run_id, ui, every
+        self._last = 0.0
+
+    def __call__(self, done: float, total: float | None, message: str) -> bool:
+        if self.ui is not None:
+            self.ui(done, total, message)
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if now - self._last >= self.every or finished:
+            self._last = now
+            return self.store.update_progress(self.run_id, done, total, message)
+        return False
+
+
+def execute(
+    store: Any,
+    registry: Any,
+    run_id: int,
+    prepared: PreparedRun,
+    model_loader: Callable[[], ModelHandle],
+    progress: ProgressCallback | None = None,
+    cancel_event: threading.Event | None = None,
+) -> Any:
+    """Run a recorded (queued) run to completion; returns its final summary."""
+    cancel_event = cancel_event or threading.Event()
+    try:
+        handle = model_loader()
+        check_against_model(prepared, handle)
+        model_id = store.ensure_model(handle.info())
+        store.mark_running(run_id, model_id, handle.revision)
+        ctx = RunContext(
+            model_loader=lambda: handle,
+            seed=prepared.seed,
+            progress=_ProgressRelay(store, run_id, progress),
+            cancel_event=cancel_event,
+            findings=FindingsReader(store),
+            registry=registry,
+            run_id=run_id,
+            workdir=store.artifacts_dir(run_id),
+        )
+        if store.cancel_requested(run_id):
+            raise CancelledError("run cancelled")
+        finding = prepared.analysis().run(ctx, prepared.params)
+        artifacts = _write_artifacts(store, run_id, finding)
+        store.finish_run(
+            run_id, finding.head_scores, finding.metrics, artifacts, finding.summary or None
+        )
+    except CancelledError:
+        store.fail_run(run_id, "cancelled", status="cancelled")
+    except HeadscopeError as error:
+        store.fail_run(run_id, str(error))
+    except Exception as error:  # analysis bugs: keep the run, log the traceback
+        log.exception("run %s failed", run_id)
+        store.fail_run(run_id, f"{type(error).__name__}: {error}")
+    return store.get_run(run_id)
+
+
+def _write_artifacts(store: Any, run_id: int, finding: Any) -> list[dict[str, Any]]:
+    folder = store.artifacts_dir(run_id)
+    rows = []
+    for artifact in finding.artifacts:
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in artifact.name)
+        path = folder / safe
+        path.write_bytes(artifact.data)
+        rows.append(
+            {
+                "name": artifact.name,
+                "media_type": artifact.media_type,
+                "path": str(path),
+                "size": len(artifact.data),
+                "description": artifact.description or None,
+            }
+        )
+    return rows

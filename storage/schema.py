@@ -1,0 +1,118 @@
+"""Tables of the findings store (SQLAlchemy 2.0 typed ORM).
+
+Findings are plain rows a SQL user can query without decoding blobs:
+per-head scores `(run_id, layer, head, metric, value)`, run metrics
+`(run_id, name, value)`, and artifacts by file reference. Changes to these
+tables go through a migration in `storage/migrations/versions`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRecord(Base):
+    """A model as it was when analysed (name plus weights revision)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    revision: Mapped[str] = mapped_column(String(200))
+    family: Mapped[str | None] = mapped_column(String(50))
+    layers: Mapped[int | None] = mapped_column(Integer)
+    query_heads: Mapped[int | None] = mapped_column(Integer)
+    kv_heads: Mapped[int | None] = mapped_column(Integer)
+    head_dim: Mapped[int | None] = mapped_column(Integer)
+    max_positions: Mapped[int | None] = mapped_column(Integer)
+    parameters: Mapped[int | None] = mapped_column(Integer)
+    source: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_models_name_revision", "name", "revision", unique=True),)
+
+
+class Run(Base):
+    """One execution of one analysis on one model."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    analysis: Mapped[str] = mapped_column(String(200), index=True)
+    analysis_version: Mapped[str] = mapped_column(String(50))
+    plugin: Mapped[str | None] = mapped_column(String(200))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_revision: Mapped[str | None] = mapped_column(String(200))
+    packages: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    seed: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    duration_seconds: Mapped[float | None] = mapped_column(Float)
+    progress_done: Mapped[float | None] = mapped_column(Float)
+    progress_total: Mapped[float | None] = mapped_column(Float)
+    progress_message: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    owner_host: Mapped[str | None] = mapped_column(String(255))
+    owner_pid: Mapped[int | None] = mapped_column(Integer)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    model: Mapped[ModelRecord | None] = relationship()
+
+
+class HeadScore(Base):
+    """One number about one head in one run."""
+
+    __tablename__ = "head_scores"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(100), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    head: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_head_scores_metric_value", "metric", "value"),)
+
+
+class RunMetric(Base):
+    """One run-level number (accuracy, fraction of heads above a threshold...)."""
+
+    __tablename__ = "run_metrics"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+
+
+class ArtifactRecord(Base):
+    """A file a run produced (plot, JSON table), stored by reference."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    media_type: Mapped[str] = mapped_column(String(100))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,94 @@
+"""Plugins: built-ins, an out-of-tree package installed for the test, a broken one."""
+
+from __future__ import annotations
+
+import pytest
+from cli_helpers import run_cli, run_cli_process
+
+from headscope.core.plugins import get_registry, reset_registry
+
+
+@pytest.fixture
+def with_plugins(plugin_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(plugin_path))
+    monkeypatch.delenv("HEADSCOPE_LOAD_PLUGINS", raising=False)
+    reset_registry()
+    yield plugin_path
+    reset_registry()
+
+
+def test_builtins_register_through_the_hooks():
+    reset_registry()
+    registry = get_registry()
+    names = {info.name: info for info in registry.plugins}
+    assert "head-detector" in names["head_detector"].analyses
+    assert "register_analyses" in names["head_detector"].hooks
+    assert "smollm2-135m" in names["builtin_models"].models
+    assert all(info.error is None for info in registry.plugins)
+
+
+def test_out_of_tree_plugin_runs_through_the_cli(with_plugins, capsys, tmp_path):
+    listed = run_cli(capsys, "plugins", "--format", "json").json()
+    example = next(p for p in listed if p["name"] == "example")
+    assert example["version"] == "0.2.0" and not example["builtin"]
+    assert set(example["analyses"]) == {"example-norms", "example-wait"}
+    result = run_cli(
+        capsys,
+        "run",
+        "example-norms",
+        "-m",
+        "tiny-llama",
+        "-f",
+        "json",
+        "--db",
+        str(tmp_path / "p.db"),
+    )
+    assert result.code == 0, result.err
+    document = result.json()
+    assert document["run"]["plugin"] == "example"
+    assert document["run"]["packages"]["plugin:example"] == "0.2.0"
+    assert len(document["head_scores"]) == 3 * 4
+
+
+def test_broken_plugin_is_reported_and_everything_else_works(with_plugins, capsys, tmp_path):
+    listed = run_cli(capsys, "plugins", "--format", "json").json()
+    broken = next(p for p in listed if p["name"] == "broken")
+    assert "ModuleNotFoundError" in broken["error"]
+    table = run_cli(capsys, "plugins")
+    assert "broken" in table.out and "ModuleNotFoundError" in table.out
+    result = run_cli(
+        capsys,
+        "run",
+        "head-detector",
+        "-m",
+        "tiny-llama",
+        "-p",
+        "n_random=1",
+        "-p",
+        "random_length=4",
+        "-f",
+        "json",
+        "--db",
+        str(tmp_path / "b.db"),
+    )
+    assert result.code == 0
+
+
+def test_allow_list_limits_third_party_plugins(with_plugins, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_LOAD_PLUGINS", "example")
+    reset_registry()
+    names = {info.name for info in get_registry().plugins}
+    assert "example" in names and "broken" not in names
+    monkeypatch.setenv("HEADSCOPE_LOAD_PLUGINS", "")
+    reset_registry()
+    names = {info.name for info in get_registry().plugins}
+    assert names == {"builtin_models", "head_detector"} | {
+        i.name for i in get_registry().plugins if i.builtin
+    }
+
+
+def test_plugins_in_a_fresh_process(plugin_path, tmp_path):
+    env = {"PYTHONPATH": str(plugin_path), "HEADSCOPE_LOAD_PLUGINS": "example,broken"}
+    listed = run_cli_process("plugins", "--format", "json", env=env)
+    assert listed.code == 0, listed.err
+    assert {p["name"] for p in listed.json()} >= {"example", "broken"}
