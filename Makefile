@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headscope-setup
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean docs
 
 setup: $(STAMP)
 
@@ -31,3 +31,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+docs: setup
+	$(BIN)/typer headscope.cli utils docs --name headscope --title "headscope CLI reference" --output docs/cli.md

@@ -187,3 +187,30 @@ def test_compare_two_runs(capsys, tmp_path):
 def test_analyses_describe_shows_params(capsys):
     result = run_cli(capsys, "analyses", "describe", "head-detector", "-f", "json").json()
     assert "random_length" in result["params_schema"]["properties"]
+
+
+def test_cli_reference_is_in_step_with_the_code(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    generated = tmp_path / "cli.md"
+    typer = Path(sys.executable).parent / "typer"
+    subprocess.run(
+        [
+            str(typer),
+            "headscope.cli",
+            "utils",
+            "docs",
+            "--name",
+            "headscope",
+            "--title",
+            "headscope CLI reference",
+            "--output",
+            str(generated),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    committed = Path(__file__).parent.parent / "docs" / "cli.md"
+    assert generated.read_text() == committed.read_text(), "run `make docs`"
