@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 demo: setup
 	$(BIN)/headscope models pull smollm2-135m
-	$(BIN)/headscope models info smollm2-135m
+	$(BIN)/headscope run retrieval-heads --model smollm2-135m --plot out/retrieval-heads.png
 
 test: setup
 	$(BIN)/python -m pytest

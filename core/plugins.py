@@ -29,6 +29,7 @@ from .models import ModelRegistry, ModelSpec
 BUILTIN_PLUGINS = (
     "headscope.plugins.builtin_models",
     "headscope.plugins.head_detector",
+    "headscope.plugins.retrieval_heads",
 )
 HOOKS = ("register_analyses", "register_models", "register_tasks")
 
