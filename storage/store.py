@@ -297,26 +297,15 @@ class Store:
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunSummary]:
-        query = select(Run).order_by(Run.id.desc()).limit(limit).offset(offset)
-        if analysis:
-            query = query.where(Run.analysis == analysis)
-        if model:
-            query = query.where(Run.model_name == model)
-        if status:
-            query = query.where(Run.status == status)
+        query = _filtered(select(Run), analysis, model, status)
+        query = query.order_by(Run.id.desc()).limit(limit).offset(offset)
         with self.session() as session:
             return [_summary(r) for r in session.scalars(query)]
 
     def count_runs(
         self, analysis: str | None = None, model: str | None = None, status: str | None = None
     ) -> int:
-        query = select(func.count(Run.id))
-        if analysis:
-            query = query.where(Run.analysis == analysis)
-        if model:
-            query = query.where(Run.model_name == model)
-        if status:
-            query = query.where(Run.status == status)
+        query = _filtered(select(func.count(Run.id)), analysis, model, status)
         with self.session() as session:
             return int(session.scalar(query) or 0)
 
@@ -409,6 +398,16 @@ class Store:
     def delete_run(self, run_id: int) -> None:
         with self.session() as session, session.begin():
             session.execute(delete(Run).where(Run.id == run_id))
+
+
+def _filtered(query, analysis: str | None, model: str | None, status: str | None):
+    if analysis:
+        query = query.where(Run.analysis == analysis)
+    if model:
+        query = query.where(Run.model_name == model)
+    if status:
+        query = query.where(Run.status == status)
+    return query
 
 
 def _elapsed(start: datetime | None, end: datetime) -> float | None:
