@@ -682,6 +682,11 @@ def serve_command(
     shutdown_timeout: float = typer.Option(
         30.0, help="Seconds to wait for requests and running analyses on shutdown."
     ),
+    torch_threads: int | None = typer.Option(
+        None,
+        help="CPU threads per running analysis (default: all cores but one, which is "
+        "left to answer requests while analyses run).",
+    ),
     format: str = FormatOption(
         help="Announce the address and shutdown as a line on stderr (table) or a JSON "
         "line on stdout (json; on stderr with --stdio)."
@@ -700,6 +705,8 @@ def serve_command(
         raise InvalidParamsError("--max-request-bytes must be at least 1024")
     if shutdown_timeout < 0:
         raise InvalidParamsError("--shutdown-timeout cannot be negative")
+    if torch_threads is not None and torch_threads < 1:
+        raise InvalidParamsError("--torch-threads must be at least 1")
     logging.basicConfig(
         level=logging.WARNING,
         stream=sys.stderr,
@@ -720,10 +727,17 @@ def serve_command(
             err_console.print("headscope JSON-RPC stopped")
 
     if stdio:
-        serve.serve_stdin(db, announce, max_request_bytes, shutdown_timeout)
+        serve.serve_stdin(db, announce, max_request_bytes, shutdown_timeout, torch_threads)
     else:
         serve.serve_http(
-            db, announce, host, port, token or None, max_request_bytes, shutdown_timeout
+            db,
+            announce,
+            host,
+            port,
+            token or None,
+            max_request_bytes,
+            shutdown_timeout,
+            torch_threads,
         )
 
 

@@ -40,8 +40,9 @@ class _Job:
 class ModelWorkers:
     """Queues and runs analyses, one thread per model name."""
 
-    def __init__(self, store: Any, registry: Any, pool: Any):
+    def __init__(self, store: Any, registry: Any, pool: Any, torch_threads: int | None = None):
         self.store, self.registry, self.pool = store, registry, pool
+        self.torch_threads = torch_threads  # None: torch's default (all cores)
         self._queues: dict[str, queue.Queue[_Job | None]] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._active: dict[int, _Job] = {}  # queued or running, by run id
@@ -118,6 +119,10 @@ class ModelWorkers:
         return self._queues[model_name]
 
     def _work(self, waiting: queue.Queue[_Job | None]) -> None:
+        if self.torch_threads:  # fewer threads leave cores to the service's requests
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         while (job := waiting.get()) is not None:
             try:
                 self._run(job)

@@ -26,7 +26,7 @@ class Service:
     recovered: list[int]
 
     @classmethod
-    def open(cls, db: str | None = None) -> Service:
+    def open(cls, db: str | None = None, torch_threads: int | None = None) -> Service:
         from ...storage.store import Store
 
         store = Store(db)
@@ -38,7 +38,9 @@ class Service:
             if plugin.error:
                 log.warning("plugin %s failed to load: %s", plugin.name, plugin.error)
         pool = ModelPool(registry.models)
-        return cls(store, registry, pool, ModelWorkers(store, registry, pool), recovered)
+        return cls(
+            store, registry, pool, ModelWorkers(store, registry, pool, torch_threads), recovered
+        )
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the workers (running runs stop at their next progress point)."""
