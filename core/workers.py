@@ -2,8 +2,9 @@
 
 nnsight traces on one model must never overlap, so every run on a model goes
 through that model's single worker thread; runs on different models proceed side
-by side. `submit` validates and records a run (nothing is stored for bad input)
-and returns its id at once. Cancellation is cooperative: the run stops at its next
+by side. `submit` validates the analysis, params and model name and records the
+run (nothing is stored for bad input) and returns its id at once; checks that need
+the loaded model happen when the run starts and fail the run with their reason. Cancellation is cooperative: the run stops at its next
 progress point. On `close`, queued runs and runs stopped by the shutdown are
 recorded as interrupted (a user's cancel stays "cancelled").
 """
@@ -53,9 +54,8 @@ class ModelWorkers:
     def submit(self, analysis: str, model: str, params: dict | None, seed: int = 0) -> int:
         """Validate, record as queued and enqueue; returns the run id."""
         prepared = jobs.prepare(self.registry, analysis, model, params, seed)
-        handle = self._loaded(prepared.model_name)
-        if handle is not None:  # model-dependent checks now, while nothing is stored
-            jobs.check_against_model(prepared, handle)
+        # Checks against the model itself (lengths within its positions...) run in the
+        # worker, when the run starts: only the worker thread touches a model.
         with self._lock:
             if self._closing:
                 raise ShuttingDownError("the service is shutting down; no new runs")
@@ -104,9 +104,6 @@ class ModelWorkers:
         return unfinished
 
     # -- the workers ---------------------------------------------------------------------
-    def _loaded(self, model_name: str) -> Any:
-        return next((h for h in self.pool.loaded() if h.name == model_name), None)
-
     def _queue_for(self, model_name: str) -> queue.Queue[_Job | None]:
         """The model's queue, starting its worker thread on first use (lock held)."""
         if model_name not in self._queues:

@@ -12,7 +12,7 @@ import time
 import httpx
 import jsonschema
 import pytest
-from rpc_helpers import Server, request
+from rpc_helpers import RpcError, Server, request
 
 from headscope.storage.store import Store
 
@@ -192,6 +192,21 @@ def test_bad_messages_get_the_right_error_and_the_server_keeps_serving(server):
     assert client.http.get(client.url).status_code == 405
     assert client.http.get(client.url.replace("/rpc", "/health")).json() == {"status": "ok"}
     assert client.call("runs.list", limit=1)["total"] >= 1
+    client.close()
+
+
+def test_a_run_that_does_not_fit_the_model_fails_with_its_reason(server):
+    client = server.client()
+    too_long = {"random_length": 200, "repeats": 4}  # 800 tokens; tiny-llama has 512
+    run_id = client.call(
+        "runs.submit", analysis="head-detector", model="tiny-llama", params=too_long
+    )["run_id"]
+    run = client.wait_for(run_id, ("succeeded", "failed"))["run"]
+    assert run["status"] == "failed" and "512 positions" in run["error"]
+    with pytest.raises(RpcError) as failed:
+        client.call("findings.query", run_id=run_id)
+    assert failed.value.code == -32004
+    assert failed.value.data == {"run_id": run_id, "status": "failed", "error": run["error"]}
     client.close()
 
 

@@ -353,8 +353,9 @@ METHODS: tuple[RpcMethod, ...] = (
         runs_submit,
         results.Submitted,
         "Queue an analysis run; returns its id at once.",
-        "Analysis, model and params are checked before anything is stored (-32602 "
-        "names each bad field as params.<name>). Runs on one model execute one at a "
+        "Analysis, model name and params are checked before anything is stored (-32602 "
+        "names each bad field as params.<name>); checks that need the model itself run "
+        "when the run starts and fail the run. Runs on one model execute one at a "
         "time in submission order; poll runs.get for status and progress.",
         errors=(*_NAMES, *_MODEL, codes.SHUTTING_DOWN),
     ),
