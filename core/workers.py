@@ -1,12 +1,13 @@
 """Background runs: one worker thread per model, running its queue in order.
 
 nnsight traces on one model must never overlap, so every run on a model goes
-through that model's single worker thread; runs on different models proceed side
-by side. `submit` validates the analysis, params and model name and records the
-run (nothing is stored for bad input) and returns its id at once; checks that need
-the loaded model happen when the run starts and fail the run with their reason. Cancellation is cooperative: the run stops at its next
-progress point. On `close`, queued runs and runs stopped by the shutdown are
-recorded as interrupted (a user's cancel stays "cancelled").
+through that model's single worker thread, the only thread that touches the model;
+runs on different models proceed side by side. `submit` checks the analysis,
+params and model name, records the run (nothing is stored for bad input) and
+returns its id at once; checks that need the loaded model happen when the run
+starts and fail the run with their reason. Cancellation is cooperative: the run
+stops at its next progress point. On `close`, queued runs and runs stopped by the
+shutdown are recorded as interrupted (a user's cancel stays "cancelled").
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ModelWorkers:
 
     def __init__(self, store: Any, registry: Any, pool: Any, torch_threads: int | None = None):
         self.store, self.registry, self.pool = store, registry, pool
-        self.torch_threads = torch_threads  # None: torch's default (all cores)
+        self.torch_threads = torch_threads  # per worker; None: torch's default
         self._queues: dict[str, queue.Queue[_Job | None]] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._active: dict[int, _Job] = {}  # queued or running, by run id
@@ -54,8 +55,6 @@ class ModelWorkers:
     def submit(self, analysis: str, model: str, params: dict | None, seed: int = 0) -> int:
         """Validate, record as queued and enqueue; returns the run id."""
         prepared = jobs.prepare(self.registry, analysis, model, params, seed)
-        # Checks against the model itself (lengths within its positions...) run in the
-        # worker, when the run starts: only the worker thread touches a model.
         with self._lock:
             if self._closing:
                 raise ShuttingDownError("the service is shutting down; no new runs")

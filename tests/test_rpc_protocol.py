@@ -81,6 +81,19 @@ def test_user_errors_map_to_documented_codes():
     assert call("echo", {"context": 1})["error"]["code"] == codes.INVALID_PARAMS
 
 
+def test_messages_that_break_the_parser_or_the_library_get_sanitised_errors(monkeypatch):
+    nested = ENDPOINT.handle("[" * 100_000)
+    assert json.loads(nested)["error"]["code"] == codes.PARSE_ERROR
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("library internals /secret")
+
+    monkeypatch.setattr("jsonrpcserver.dispatcher.dispatch_deserialized", broken)
+    reply = call("echo", {"value": 1}, id=9)
+    assert reply["error"]["code"] == codes.INTERNAL_ERROR and "secret" not in json.dumps(reply)
+    assert reply["id"] == 9
+
+
 def test_a_batch_is_answered_item_by_item():
     body = json.dumps(
         [

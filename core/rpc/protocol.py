@@ -10,7 +10,9 @@ do on its own:
   reference to the log line, never with its text;
 - results are made JSON-safe (datetimes, tuples, NaN -> null) inside the method, so
   a result that cannot be encoded is an internal error, not a broken response;
-- a batch is answered item by item, so one bad item never rejects the others.
+- a batch is answered item by item, so one bad item never rejects the others;
+- request objects are checked by `check_request`, the library's request schema
+  written as code (its jsonschema check cost more than a whole findings query).
 """
 
 from __future__ import annotations
@@ -70,17 +72,24 @@ class Endpoint:
     """Answers JSON-RPC messages with a fixed method table and context."""
 
     def __init__(self, methods: Iterable[RpcMethod], context: Any):
-        self.methods = {method.name: method for method in methods}
-        self._callables = {name: _bind(method) for name, method in self.methods.items()}
+        self._callables = {method.name: _bind(method) for method in methods}
         self._context = context
 
     def handle(self, body: bytes | str) -> str | None:
         """One message (a request or a batch) -> the response text, None if there is none."""
         try:
+            return self._handle(body)
+        except Exception:  # never leave a client without an answer
+            return encode(_internal_error("handling a message"))
+
+    def _handle(self, body: bytes | str) -> str | None:
+        try:
             text = body.decode("utf-8") if isinstance(body, bytes) else body
             message = json.loads(text)
         except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
             return encode(error_response(PARSE_ERROR, data=str(error)))
+        except RecursionError:
+            return encode(error_response(PARSE_ERROR, data="nested too deeply"))
         if isinstance(message, list):
             if not message:
                 return encode(error_response(INVALID_REQUEST, data="empty batch"))
@@ -92,16 +101,19 @@ class Endpoint:
     def _one(self, request: Any) -> dict[str, Any] | None:
         if not isinstance(request, dict):  # a nested list would pass as a batch
             return error_response(INVALID_REQUEST, data="a request must be a JSON object")
-        try:
-            return dispatch_to_serializable(
-                request,
-                methods=self._callables,
-                context=self._context,
-                deserializer=lambda already_parsed: already_parsed,
-                validator=check_request,
-            )
-        except Exception:  # the library itself failed: never send its text
-            return _internal_error(f"dispatching {request.get('method')!r}")
+        reply = dispatch_to_serializable(
+            request,
+            methods=self._callables,
+            context=self._context,
+            deserializer=lambda already_parsed: already_parsed,
+            validator=check_request,
+        )
+        if reply is not None and reply.get("error", {}).get("message") == "Server error":
+            # jsonrpcserver failed inside itself and put the exception text in `data`
+            failed = _internal_error(f"dispatching {request.get('method')!r}", False)
+            request_id = request.get("id")
+            return {**failed, "id": request_id if isinstance(request_id, str | int) else None}
+        return reply
 
 
 _REQUEST_KEYS = frozenset({"jsonrpc", "method", "params", "id"})
@@ -124,9 +136,12 @@ def check_request(request: dict[str, Any]) -> None:
         raise ValueError("not a JSON-RPC 2.0 request object")
 
 
-def _internal_error(what: str) -> Any:
+def _internal_error(what: str, log_traceback: bool = True) -> dict[str, Any]:
     reference = uuid.uuid4().hex[:12]
-    log.exception("internal error %s (ref %s)", what, reference)
+    if log_traceback:
+        log.exception("internal error %s (ref %s)", what, reference)
+    else:  # jsonrpcserver has logged the traceback itself
+        log.error("internal error %s (ref %s)", what, reference)
     return error_response(INTERNAL_ERROR, data={"ref": reference})
 
 
