@@ -34,7 +34,7 @@ import httpx
 
 SEED_PARAMS = {"n_random": 1, "random_length": 8, "prompts": ["The cat sat on the mat."]}
 # enough work to outlast a phase on 2 cores; queued copies cover a fast machine
-BUSY_PARAMS = {"n_random": 16, "random_length": 128, "repeats": 4}
+BUSY_PARAMS = {"n_random": 16, "random_length": 96, "repeats": 4}
 
 
 class Rpc:
@@ -172,7 +172,9 @@ def main() -> None:
                 )["run_id"]
                 for _ in range(3)
             ]
-            rpc.wait(busy_runs[0], ("running",))
+            started = rpc.wait(busy_runs[0], ("running", "succeeded", "failed"))
+            if started["status"] != "running":
+                raise RuntimeError(f"the busy run ended at once: {started['error']}")
             busy = {
                 "saturated": hammer(pool, url, n, seconds, query),
                 "paced": hammer(pool, url, n, seconds, query, args.rate),

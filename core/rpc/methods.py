@@ -155,7 +155,8 @@ def models_list(service: Service, _: NoParams) -> list[dict[str, Any]]:
 
 
 def models_load(service: Service, params: ModelName) -> dict[str, Any]:
-    return service.pool.get(params.name).info()
+    name = service.registry.models.resolve(params.name).name
+    return service.workers.load(name).info()
 
 
 def models_unload(service: Service, params: ModelName) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..models import ModelPool
 from ..plugins import Registry, get_registry
-from ..workers import ModelWorkers
+from ..workers import ModelWorkers, settle_heap
 
 log = logging.getLogger("headscope.service")
 
@@ -38,9 +38,9 @@ class Service:
             if plugin.error:
                 log.warning("plugin %s failed to load: %s", plugin.name, plugin.error)
         pool = ModelPool(registry.models)
-        return cls(
-            store, registry, pool, ModelWorkers(store, registry, pool, torch_threads), recovered
-        )
+        workers = ModelWorkers(store, registry, pool, torch_threads)
+        settle_heap()  # the libraries and plugins just imported live as long as we do
+        return cls(store, registry, pool, workers, recovered)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the workers (running runs stop at their next progress point)."""
