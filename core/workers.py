@@ -36,8 +36,8 @@ def settle_heap() -> None:
     """Exempt what is alive now (libraries, loaded models) from garbage collection.
 
     A loaded model and its libraries are hundreds of thousands of long-lived
-    objects; every full collection walks them all, holding the GIL for 0.2-0.5 s
-    on a 2-core machine and stalling requests. Freezing them after a collection
+    objects; every full collection walks them all, holding the GIL for hundreds
+    of milliseconds and stalling requests. Freezing them after a collection
     leaves later collections only the objects made since.
     """
     gc.collect()

@@ -12,7 +12,7 @@ do on its own:
   a result that cannot be encoded is an internal error, not a broken response;
 - a batch is answered item by item, so one bad item never rejects the others;
 - request objects are checked by `check_request`, the library's request schema
-  written as code (its jsonschema check cost more than a whole findings query).
+  written as code (its jsonschema check cost as much as a findings query's SQL).
 """
 
 from __future__ import annotations
