@@ -36,7 +36,11 @@ class Server:
             self.process = subprocess.Popen(
                 command, stdout=out, stderr=err, env={**os.environ, **(env or {})}
             )
-        self.listening = self._wait_for("listening")
+        try:
+            self.listening = self._wait_for("listening")
+        except BaseException:
+            self.process.kill()
+            raise
         self.url = self.listening["url"]
 
     def _wait_for(self, event: str, timeout: float = 120) -> dict[str, Any]:

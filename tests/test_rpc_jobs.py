@@ -80,12 +80,14 @@ def test_cancel_queued_and_running_runs(tmp_path, plugin_env):
 def test_restart_marks_runs_of_a_dead_server_interrupted(tmp_path, plugin_env):
     db = tmp_path / "recover.db"
     first = Server(db, env=plugin_env)
-    client = first.client()
-    running = submit_wait(client, 120)
-    queued = submit_wait(client, 120)
-    wait_until_running(client, running)
-    client.close()
-    first.stop(signal.SIGKILL)
+    try:
+        client = first.client()
+        running = submit_wait(client, 120)
+        queued = submit_wait(client, 120)
+        wait_until_running(client, running)
+        client.close()
+    finally:
+        first.stop(signal.SIGKILL)  # a crash: no chance to record anything
 
     second = Server(db, env=plugin_env)
     client = second.client()

@@ -222,3 +222,16 @@ def test_request_check_agrees_with_the_json_rpc_schema():
             except Exception:
                 verdicts.append(False)
         assert verdicts[0] == verdicts[1], case
+
+
+def test_serve_rejects_bad_options_in_one_line(capsys):
+    from cli_helpers import run_cli
+
+    for args, problem in [
+        (("--port", "70000"), "not a TCP port"),
+        (("--max-request-bytes", "10"), "at least 1024"),
+        (("--torch-threads", "0"), "at least 1"),
+        (("--format", "xml"), "unknown format"),
+    ]:
+        result = run_cli(capsys, "serve", *args)
+        assert result.code == 1 and problem in result.err and "Traceback" not in result.err

@@ -28,15 +28,17 @@ def server(tmp_path_factory):
     """One server for the module, with a finished head-detector run on tiny-llama."""
     db = tmp_path_factory.mktemp("rpc") / "rpc.db"
     process = Server(db, env={"HEADSCOPE_LOAD_PLUGINS": ""})
-    client = process.client()
-    run_id = client.call(
-        "runs.submit", analysis="head-detector", model="tiny-llama", params=TINY_DETECTOR
-    )["run_id"]
-    process.finished = client.wait_for(run_id, ("succeeded", "failed"))
-    process.discover = client.call("rpc.discover")
-    client.close()
-    yield process
-    assert process.stop() == 0
+    try:
+        client = process.client()
+        run_id = client.call(
+            "runs.submit", analysis="head-detector", model="tiny-llama", params=TINY_DETECTOR
+        )["run_id"]
+        process.finished = client.wait_for(run_id, ("succeeded", "failed"))
+        process.discover = client.call("rpc.discover")
+        client.close()
+        yield process
+    finally:
+        assert process.stop() == 0
 
 
 def check_result(discover: dict, method: str, result) -> None:
