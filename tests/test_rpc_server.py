@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -169,6 +170,14 @@ def test_bad_messages_get_the_right_error_and_the_server_keeps_serving(server):
     assert huge.status_code == 413 and huge.json()["error"]["code"] == -32011
     client = server.client()  # the server hung up on the huge request
     assert client.call("runs.list", limit=1)["total"] >= 1
+    # a client that asks before sending (Expect: 100-continue) is refused up front
+    host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+    with socket.create_connection((host, port), timeout=30) as raw:
+        raw.sendall(
+            b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        assert raw.recv(4096).startswith(b"HTTP/1.1 413")
 
     batch = client.post(
         [
