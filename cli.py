@@ -659,6 +659,88 @@ def models_info(
     console.print(table)
 
 
+# ----------------------------------------------------------------------------------
+# serve
+# ----------------------------------------------------------------------------------
+@app.command("serve")
+def serve_command(
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on; beyond loopback a token is required."
+    ),
+    port: int = typer.Option(8765, help="TCP port (0: any free port; the address is printed)."),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="HEADSCOPE_TOKEN",
+        show_envvar=True,
+        help="Bearer token clients must send (Authorization: Bearer TOKEN).",
+    ),
+    stdio: bool = typer.Option(
+        False, "--stdio", help="JSON-RPC on stdin/stdout, one message per line, instead of HTTP."
+    ),
+    max_request_bytes: int = typer.Option(1024 * 1024, help="Largest request accepted, in bytes."),
+    shutdown_timeout: float = typer.Option(
+        30.0, help="Seconds to wait for requests and running analyses on shutdown."
+    ),
+    torch_threads: int | None = typer.Option(
+        None,
+        help="CPU threads per running analysis (default: all cores but one, which is "
+        "left to answer requests while analyses run).",
+    ),
+    format: str = FormatOption(
+        help="Announce the address and shutdown as a line on stderr (table) or a JSON "
+        "line on stdout (json; on stderr with --stdio)."
+    ),
+    db: str | None = DbOption(),
+) -> None:
+    """Serve the JSON-RPC API (see docs/rpc.md) until SIGTERM or Ctrl-C."""
+    import logging
+
+    from .core.rpc import serve
+
+    _check_format(format, ("table", "json"))
+    if not 0 <= port <= 65535:
+        raise InvalidParamsError(f"--port {port} is not a TCP port (0-65535)")
+    if max_request_bytes < 1024:
+        raise InvalidParamsError("--max-request-bytes must be at least 1024")
+    if shutdown_timeout < 0:
+        raise InvalidParamsError("--shutdown-timeout cannot be negative")
+    if torch_threads is not None and torch_threads < 1:
+        raise InvalidParamsError("--torch-threads must be at least 1")
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("headscope").setLevel(logging.INFO)
+
+    def announce(event: dict[str, Any]) -> None:
+        if format == "json":
+            stream = sys.stderr if stdio else sys.stdout
+            stream.write(json.dumps(event) + "\n")
+            stream.flush()
+        elif event["event"] == "listening":
+            err_console.print(f"headscope JSON-RPC on {event['url']} (pid {event['pid']})")
+        elif event["event"] == "ready":
+            err_console.print(f"headscope JSON-RPC on stdin/stdout (pid {event['pid']})")
+        else:
+            err_console.print("headscope JSON-RPC stopped")
+
+    if stdio:
+        serve.serve_stdin(db, announce, max_request_bytes, shutdown_timeout, torch_threads)
+    else:
+        serve.serve_http(
+            db,
+            announce,
+            host,
+            port,
+            token or None,
+            max_request_bytes,
+            shutdown_timeout,
+            torch_threads,
+        )
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 1, never a traceback."""
     try:

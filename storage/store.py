@@ -13,10 +13,11 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -364,36 +365,25 @@ class Store:
         min_value: float | None = None,
         descending: bool = True,
     ) -> list[dict[str, Any]]:
-        """Heads ranked by a metric, across runs filtered by run, model or analysis."""
-        query = (
-            select(HeadScore, Run.model_name, Run.analysis)
-            .join(Run, Run.id == HeadScore.run_id)
-            .where(HeadScore.metric == metric, Run.status == "succeeded")
+        """Heads ranked by a metric, across runs filtered by run, model or analysis.
+
+        Served often (findings.query), so the statement is built once per filter
+        combination and rows are read as plain tuples rather than ORM objects.
+        """
+        statement = _top_heads_statement(
+            run_id is not None, bool(model), bool(analysis), min_value is not None, descending
         )
-        if run_id is not None:
-            query = query.where(HeadScore.run_id == run_id)
-        if model:
-            query = query.where(Run.model_name == model)
-        if analysis:
-            query = query.where(Run.analysis == analysis)
-        if min_value is not None:
-            query = query.where(HeadScore.value >= min_value)
-        order = HeadScore.value.desc() if descending else HeadScore.value.asc()
-        query = query.order_by(order, HeadScore.run_id, HeadScore.layer, HeadScore.head)
-        query = query.limit(limit).offset(offset)
-        with self.session() as session:
-            return [
-                {
-                    "run_id": s.run_id,
-                    "model": model_name,
-                    "analysis": analysis_name,
-                    "layer": s.layer,
-                    "head": s.head,
-                    "metric": s.metric,
-                    "value": s.value,
-                }
-                for s, model_name, analysis_name in session.execute(query)
-            ]
+        values = {
+            "metric": metric,
+            "run_id": run_id,
+            "model": model,
+            "analysis": analysis,
+            "min_value": min_value,
+            "limit": limit,
+            "offset": offset,
+        }
+        with self.engine.connect() as connection:
+            return [row._asdict() for row in connection.execute(statement, values)]
 
     def delete_run(self, run_id: int) -> None:
         with self.session() as session, session.begin():
@@ -408,6 +398,36 @@ def _filtered(query, analysis: str | None, model: str | None, status: str | None
     if status:
         query = query.where(Run.status == status)
     return query
+
+
+@cache
+def _top_heads_statement(
+    by_run: bool, by_model: bool, by_analysis: bool, by_min: bool, descending: bool
+) -> Select:
+    query = (
+        select(
+            HeadScore.run_id,
+            Run.model_name.label("model"),
+            Run.analysis,
+            HeadScore.layer,
+            HeadScore.head,
+            HeadScore.metric,
+            HeadScore.value,
+        )
+        .join(Run, Run.id == HeadScore.run_id)
+        .where(HeadScore.metric == bindparam("metric"), Run.status == "succeeded")
+    )
+    if by_run:
+        query = query.where(HeadScore.run_id == bindparam("run_id"))
+    if by_model:
+        query = query.where(Run.model_name == bindparam("model"))
+    if by_analysis:
+        query = query.where(Run.analysis == bindparam("analysis"))
+    if by_min:
+        query = query.where(HeadScore.value >= bindparam("min_value"))
+    order = HeadScore.value.desc() if descending else HeadScore.value.asc()
+    query = query.order_by(order, HeadScore.run_id, HeadScore.layer, HeadScore.head)
+    return query.limit(bindparam("limit")).offset(bindparam("offset"))
 
 
 def _elapsed(start: datetime | None, end: datetime) -> float | None:

@@ -1,0 +1,414 @@
+"""The JSON-RPC methods: params models, handlers and the method table.
+
+Every method works for whatever the plugin registry holds: analyses, their params
+and models are looked up by name, never listed here. Handlers return plain data;
+`protocol` validates params before a handler runs and maps errors to codes.
+Params are strict (no "5" for 5) and closed (unknown names are errors).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ...storage.export import run_document
+from ...storage.schema import RUN_STATUSES
+from ..compare import compare_runs
+from ..errors import InvalidParamsError
+from ..models import DEFAULT_MODEL
+from . import errors as codes
+from . import results
+from .errors import ModelBusyError, RunFailedError, RunNotFinishedError
+from .protocol import RpcMethod
+from .service import Service
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class NoParams(_Params):
+    pass
+
+
+class AnalysisName(_Params):
+    name: str = Field(description="Analysis name (see analyses.list).")
+
+
+class ModelName(_Params):
+    name: str = Field(
+        description="Registered model name, model directory, .gguf file or org/name hub id."
+    )
+
+
+class SubmitParams(_Params):
+    analysis: str = Field(description="Analysis name (see analyses.list).")
+    model: str = Field(DEFAULT_MODEL, description="Model name (see models.list).")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The analysis's params (schema: analyses.describe); defaults fill the rest.",
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for every random choice.")
+
+
+class RunId(_Params):
+    run_id: int = Field(ge=1, description="Run id (from runs.submit or runs.list).")
+
+
+class GetParams(RunId):
+    head_scores: bool = Field(True, description="Include every per-head score.")
+
+
+class ListParams(_Params):
+    analysis: str | None = Field(None, description="Only runs of this analysis.")
+    model: str | None = Field(None, description="Only runs on this model.")
+    status: Literal[RUN_STATUSES] | None = Field(None, description="Only runs in this state.")  # type: ignore[valid-type]
+    limit: int = Field(50, ge=1, le=500, description="Runs per page, newest first.")
+    offset: int = Field(0, ge=0, description="Runs to skip.")
+
+
+class CompareParams(_Params):
+    run_a: int = Field(ge=1)
+    run_b: int = Field(ge=1)
+    metric: str | None = Field(None, description="Head metric for both runs.")
+    metric_a: str | None = Field(None, description="Head metric for run_a (default: primary).")
+    metric_b: str | None = Field(None, description="Head metric for run_b (default: primary).")
+    top_k: int | None = Field(None, ge=1, description="Head set: each run's k best heads.")
+    threshold: float | None = Field(None, description="Head set: heads scoring above this.")
+    bands: int = Field(3, ge=1, le=12, description="Layer bands for the per-band overlap.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> CompareParams:
+        if self.top_k is not None and self.threshold is not None:
+            raise ValueError("give top_k or threshold, not both")
+        return self
+
+
+class FindingsParams(_Params):
+    metric: str | None = Field(
+        None, description="Head metric; default: the primary metric of the run's or analysis's."
+    )
+    run_id: int | None = Field(None, ge=1, description="Only this run (it must have succeeded).")
+    model: str | None = Field(None, description="Only runs on this model.")
+    analysis: str | None = Field(None, description="Only runs of this analysis.")
+    min_value: float | None = Field(None, description="Only heads scoring at least this.")
+    order: Literal["desc", "asc"] = Field("desc", description="Highest scores first, or lowest.")
+    limit: int = Field(20, ge=1, le=1000, description="Heads per page.")
+    offset: int = Field(0, ge=0, description="Heads to skip.")
+
+
+# ----------------------------------------------------------------------------------
+# handlers
+# ----------------------------------------------------------------------------------
+def plugins_list(service: Service, _: NoParams) -> list[dict[str, Any]]:
+    fields = results.PluginEntry.model_fields
+    return [{key: info.as_dict()[key] for key in fields} for info in service.registry.plugins]
+
+
+def analyses_list(service: Service, _: NoParams) -> list[dict[str, Any]]:
+    registry = service.registry
+    return [
+        {
+            "name": name,
+            "version": cls.version,
+            "plugin": registry.analysis_plugins.get(name),
+            "summary": cls.summary,
+            "primary_metric": cls.primary_metric,
+        }
+        for name, cls in sorted(registry.analyses.items())
+    ]
+
+
+def analyses_describe(service: Service, params: AnalysisName) -> dict[str, Any]:
+    return service.registry.analysis(params.name).describe()
+
+
+def models_list(service: Service, _: NoParams) -> list[dict[str, Any]]:
+    loaded = {handle.name: handle for handle in service.pool.loaded()}
+    rows = [
+        {
+            "name": spec.name,
+            "description": spec.description,
+            "source": spec.source.describe(),
+            "ready": spec.source.is_ready(),
+            "loaded": spec.name in loaded,
+            "plugin": spec.plugin,
+        }
+        for spec in service.registry.models.specs()
+    ]
+    registered = {row["name"] for row in rows}
+    for name, handle in sorted(loaded.items()):  # paths and hub ids loaded by name
+        if name not in registered:
+            source = handle.spec.source.describe()
+            rows.append(
+                {
+                    "name": name,
+                    "description": handle.spec.description,
+                    "source": source,
+                    "ready": True,
+                    "loaded": True,
+                    "plugin": None,
+                }
+            )
+    return rows
+
+
+def models_load(service: Service, params: ModelName) -> dict[str, Any]:
+    name = service.registry.models.resolve(params.name).name
+    return service.workers.load(name).info()
+
+
+def models_unload(service: Service, params: ModelName) -> dict[str, Any]:
+    name = service.registry.models.resolve(params.name).name
+    busy = service.workers.pending(name)
+    if busy:
+        raise ModelBusyError(f"model {name!r} has queued or running runs {busy}; cancel or wait")
+    return {"name": name, "unloaded": service.pool.unload(name)}
+
+
+def runs_submit(service: Service, params: SubmitParams) -> dict[str, Any]:
+    try:
+        run_id = service.workers.submit(params.analysis, params.model, params.params, params.seed)
+    except InvalidParamsError as error:  # name analysis-param fields as the request does
+        fields = [
+            {**item, "field": "params" + (f".{item['field']}" if item.get("field") else "")}
+            for item in error.errors
+        ]
+        raise InvalidParamsError(str(error), fields) from None
+    return {"run_id": run_id, "status": "queued"}
+
+
+def runs_get(service: Service, params: GetParams) -> dict[str, Any]:
+    document = run_document(service.store, params.run_id)
+    if not params.head_scores:
+        document["head_scores"] = []
+    return document
+
+
+def runs_list(service: Service, params: ListParams) -> dict[str, Any]:
+    model = _model_name(service, params.model)
+    runs = service.store.list_runs(
+        params.analysis, model, params.status, params.limit, params.offset
+    )
+    return {
+        "total": service.store.count_runs(params.analysis, model, params.status),
+        "limit": params.limit,
+        "offset": params.offset,
+        "runs": [run.as_dict() for run in runs],
+    }
+
+
+def runs_cancel(service: Service, params: RunId) -> dict[str, Any]:
+    return {"run_id": params.run_id, "status": service.workers.cancel(params.run_id)}
+
+
+def runs_compare(service: Service, params: CompareParams) -> dict[str, Any]:
+    for run_id in (params.run_a, params.run_b):
+        _require_succeeded(service, run_id)
+    rule, value = (
+        ("top", params.top_k)
+        if params.top_k is not None
+        else ("threshold", params.threshold)
+        if params.threshold is not None
+        else (None, None)
+    )
+    return compare_runs(
+        service.store,
+        service.registry,
+        params.run_a,
+        params.run_b,
+        params.metric_a or params.metric,
+        params.metric_b or params.metric,
+        rule,
+        value,
+        params.bands,
+    )
+
+
+def findings_query(service: Service, params: FindingsParams) -> dict[str, Any]:
+    analysis_name = params.analysis
+    if params.run_id is not None:
+        analysis_name = analysis_name or _require_succeeded(service, params.run_id).analysis
+    metric = params.metric or _primary_metric(service, analysis_name)
+    heads = service.store.top_heads(
+        metric,
+        run_id=params.run_id,
+        model=_model_name(service, params.model),
+        analysis=params.analysis,
+        limit=params.limit,
+        offset=params.offset,
+        min_value=params.min_value,
+        descending=params.order == "desc",
+    )
+    full_page = len(heads) == params.limit
+    return {
+        "metric": metric,
+        "limit": params.limit,
+        "offset": params.offset,
+        "next_offset": params.offset + len(heads) if full_page else None,
+        "heads": heads,
+    }
+
+
+def rpc_discover(service: Service, _: NoParams) -> dict[str, Any]:
+    from .openrpc import openrpc_document
+
+    return openrpc_document(METHODS, service.registry)
+
+
+# ----------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------
+def _model_name(service: Service, name: str | None) -> str | None:
+    """Registered aliases mean their model (`smollm2` -> `smollm2-135m`)."""
+    if not name:
+        return None
+    spec = service.registry.models.get(name)
+    return spec.name if spec is not None else name
+
+
+def _require_succeeded(service: Service, run_id: int) -> Any:
+    run = service.store.get_run(run_id)
+    if run.status in ("queued", "running"):
+        raise RunNotFinishedError(f"run {run_id} is {run.status}", run_id, run.status)
+    if run.status != "succeeded":
+        raise RunFailedError(
+            f"run {run_id} has no results: it {run.status}"
+            + (f" ({run.error})" if run.error else ""),
+            run_id,
+            run.status,
+            run.error,
+        )
+    return run
+
+
+def _primary_metric(service: Service, analysis: str | None) -> str:
+    cls = service.registry.analyses.get(analysis) if analysis else None
+    if cls is None or not cls.primary_metric:
+        raise InvalidParamsError(
+            "metric is required unless run_id or analysis names an analysis with a primary metric",
+            [{"field": "metric", "message": "Field required"}],
+        )
+    return cls.primary_metric
+
+
+# ----------------------------------------------------------------------------------
+# the table
+# ----------------------------------------------------------------------------------
+_NAMES = (codes.UNKNOWN_ANALYSIS,)
+_MODEL = (codes.UNKNOWN_MODEL, codes.MODEL_UNAVAILABLE)
+_RESULTS = (codes.RUN_NOT_FOUND, codes.RUN_FAILED, codes.RUN_NOT_FINISHED)
+
+METHODS: tuple[RpcMethod, ...] = (
+    RpcMethod(
+        "plugins.list",
+        NoParams,
+        plugins_list,
+        list[results.PluginEntry],
+        "Installed plugins, what each provides, and load errors.",
+    ),
+    RpcMethod(
+        "analyses.list",
+        NoParams,
+        analyses_list,
+        list[results.AnalysisEntry],
+        "Installed analyses.",
+    ),
+    RpcMethod(
+        "analyses.describe",
+        AnalysisName,
+        analyses_describe,
+        results.AnalysisDescription,
+        "An analysis with the JSON schema of its params.",
+        errors=_NAMES,
+    ),
+    RpcMethod(
+        "models.list",
+        NoParams,
+        models_list,
+        list[results.ModelEntry],
+        "Registered models: ready offline or not, loaded here or not.",
+    ),
+    RpcMethod(
+        "models.load",
+        ModelName,
+        models_load,
+        results.ModelInfo,
+        "Load a model (or find it loaded) and describe it.",
+        "Blocks until the model is in memory: seconds for cached models, longer the "
+        "first time a GGUF model is converted. Runs load their model themselves.",
+        errors=_MODEL,
+    ),
+    RpcMethod(
+        "models.unload",
+        ModelName,
+        models_unload,
+        results.Unloaded,
+        "Drop a loaded model from memory.",
+        errors=(codes.UNKNOWN_MODEL, codes.MODEL_BUSY),
+    ),
+    RpcMethod(
+        "runs.submit",
+        SubmitParams,
+        runs_submit,
+        results.Submitted,
+        "Queue an analysis run; returns its id at once.",
+        "Analysis, model name and params are checked before anything is stored (-32602 "
+        "names each bad field as params.<name>); checks that need the model itself run "
+        "when the run starts and fail the run. Runs on one model execute one at a "
+        "time in submission order; poll runs.get for status and progress.",
+        errors=(*_NAMES, *_MODEL, codes.SHUTTING_DOWN),
+    ),
+    RpcMethod(
+        "runs.get",
+        GetParams,
+        runs_get,
+        results.RunDocument,
+        "A run: status, progress, params, and its results once it succeeded.",
+        errors=(codes.RUN_NOT_FOUND,),
+    ),
+    RpcMethod(
+        "runs.list",
+        ListParams,
+        runs_list,
+        results.RunPage,
+        "Stored runs, newest first, filtered and paginated.",
+    ),
+    RpcMethod(
+        "runs.cancel",
+        RunId,
+        runs_cancel,
+        results.Cancelled,
+        "Stop a run: at once if queued, at its next progress point if running.",
+        "Poll runs.get until the status is cancelled. Finished runs are left as they are.",
+        errors=(codes.RUN_NOT_FOUND,),
+    ),
+    RpcMethod(
+        "runs.compare",
+        CompareParams,
+        runs_compare,
+        results.Comparison,
+        "Overlap of two runs' head sets: Jaccard and overlap coefficient, by layer band.",
+        "Each run's head set comes from its metric (default: its analysis's primary "
+        "metric) and its analysis's own selection rule, unless top_k or threshold is given.",
+        errors=_RESULTS,
+    ),
+    RpcMethod(
+        "findings.query",
+        FindingsParams,
+        findings_query,
+        results.FindingsPage,
+        "Top heads by a metric, for a run, a model or an analysis.",
+        "Only succeeded runs contribute. Ties are ordered by run, layer and head, so "
+        "pages are stable.",
+        errors=_RESULTS,
+    ),
+    RpcMethod(
+        "rpc.discover",
+        NoParams,
+        rpc_discover,
+        dict[str, Any],
+        "This API as an OpenRPC document, with every installed analysis's params schema.",
+    ),
+)

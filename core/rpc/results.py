@@ -1,0 +1,183 @@
+"""The shapes of method results, for the OpenRPC document.
+
+Handlers return plain data (dicts from the store and the registry); these models
+only describe it, so `rpc.discover` can publish a JSON schema for every result.
+A test validates real results against the published schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class PluginEntry(BaseModel):
+    name: str
+    version: str | None
+    builtin: bool
+    hooks: list[str]
+    analyses: list[str]
+    models: list[str]
+    tasks: list[str]
+    error: str | None = Field(description="Why the plugin failed to load (then it is skipped).")
+
+
+class AnalysisEntry(BaseModel):
+    name: str
+    version: str
+    plugin: str | None
+    summary: str
+    primary_metric: str | None
+
+
+class AnalysisDescription(BaseModel):
+    name: str
+    version: str
+    summary: str
+    primary_metric: str | None
+    params_schema: dict[str, Any] = Field(description="JSON schema of the analysis's params.")
+
+
+class ModelEntry(BaseModel):
+    name: str
+    description: str
+    source: str
+    ready: bool = Field(description="Loadable offline now (weights cached or built in).")
+    loaded: bool = Field(description="Held in memory by this service.")
+    plugin: str | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: str
+    layers: int
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+    max_positions: int
+    parameters: int
+    source: str
+    cache_path: str | None
+    revision: str
+    remote: bool | str
+    load_seconds: float
+
+
+class Unloaded(BaseModel):
+    name: str
+    unloaded: bool = Field(description="False when the model was not loaded.")
+
+
+class Submitted(BaseModel):
+    run_id: int
+    status: str
+
+
+class RunInfo(BaseModel):
+    id: int
+    analysis: str
+    analysis_version: str
+    plugin: str | None
+    model: str
+    model_revision: str | None
+    params: dict[str, Any]
+    seed: int
+    status: str = Field(description="queued, running, succeeded, failed, cancelled or interrupted.")
+    error: str | None
+    created_at: str | None = Field(description="ISO 8601, UTC.")
+    started_at: str | None
+    finished_at: str | None
+    duration_seconds: float | None
+    progress_done: float | None
+    progress_total: float | None
+    progress_message: str | None
+    packages: dict[str, Any]
+    summary: dict[str, Any] | None
+
+
+class HeadScoreRow(BaseModel):
+    layer: int
+    head: int
+    metric: str
+    value: float | None = Field(description="null where the score is not a number.")
+
+
+class ArtifactRow(BaseModel):
+    name: str
+    media_type: str
+    path: str = Field(description="File path on the server's machine.")
+    size: int
+    description: str | None
+
+
+class RunDocument(BaseModel):
+    run: RunInfo
+    metrics: dict[str, float | None]
+    head_scores: list[HeadScoreRow]
+    artifacts: list[ArtifactRow]
+
+
+class RunPage(BaseModel):
+    total: int = Field(description="Runs matching the filters, over all pages.")
+    limit: int
+    offset: int
+    runs: list[RunInfo]
+
+
+class Cancelled(BaseModel):
+    run_id: int
+    status: str = Field(description="cancelled at once if it was queued; running until it stops.")
+
+
+class HeadRow(BaseModel):
+    run_id: int
+    model: str
+    analysis: str
+    layer: int
+    head: int
+    metric: str
+    value: float | None
+
+
+class FindingsPage(BaseModel):
+    metric: str
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="Offset of the next page; null on the last.")
+    heads: list[HeadRow]
+
+
+class ComparisonSide(BaseModel):
+    run_id: int
+    analysis: str
+    model: str
+    metric: str
+    rule: str
+    value: float
+    heads: list[list[int]] = Field(description="[layer, head] pairs in the run's head set.")
+    n_layers: int
+
+
+class BandOverlap(BaseModel):
+    band: str
+    layers: list[int] = Field(description="First and last layer of the band.")
+    size_a: int
+    size_b: int
+    intersection: int
+    union: int
+    jaccard: float
+    overlap_coefficient: float
+
+
+class Comparison(BaseModel):
+    a: ComparisonSide
+    b: ComparisonSide
+    size_a: int
+    size_b: int
+    intersection: int
+    union: int
+    jaccard: float
+    overlap_coefficient: float
+    shared_heads: list[list[int]]
+    bands: list[BandOverlap]

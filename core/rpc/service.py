@@ -1,0 +1,50 @@
+"""What the RPC methods work with: the store, the plugin registry, loaded models, workers.
+
+`Service.open` is where recovery happens: runs that a dead process left queued or
+running are marked interrupted before anything new is accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ..models import ModelPool
+from ..plugins import Registry, get_registry
+from ..workers import ModelWorkers, settle_heap
+
+log = logging.getLogger("headscope.service")
+
+
+@dataclass
+class Service:
+    store: Any
+    registry: Registry
+    pool: ModelPool
+    workers: ModelWorkers
+    recovered: list[int]
+
+    @classmethod
+    def open(cls, db: str | None = None, torch_threads: int | None = None) -> Service:
+        from ...storage.store import Store
+
+        store = Store(db)
+        recovered = store.mark_interrupted(only_dead_owners=True)
+        if recovered:
+            log.info("marked runs left by a stopped process as interrupted: %s", recovered)
+        registry = get_registry()
+        for plugin in registry.plugins:
+            if plugin.error:
+                log.warning("plugin %s failed to load: %s", plugin.name, plugin.error)
+        pool = ModelPool(registry.models)
+        workers = ModelWorkers(store, registry, pool, torch_threads)
+        settle_heap()  # the libraries and plugins just imported live as long as we do
+        return cls(store, registry, pool, workers, recovered)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the workers (running runs stop at their next progress point)."""
+        left = self.workers.close(timeout)
+        if left:
+            log.warning("runs still working at shutdown, marked interrupted: %s", left)
+        self.store.engine.dispose()
