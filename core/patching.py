@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from .gradients import head_output_gradients
-from .metrics import TokenMetric
 from .models import ModelHandle
 from .tasks import TaskData
 from .tracing import Batch, HeadOutputs, RowHeadPatch, forward
@@ -129,8 +128,3 @@ def attribute_every_head(
         if progress is not None:
             progress(index + 1, len(chunks), f"attribution: batch {index + 1}/{len(chunks)}")
     return total / len(data)
-
-
-def metric_on(handle: ModelHandle, batch: Batch, metric: TokenMetric) -> torch.Tensor:
-    """The task metric of each row of a batch (one forward pass)."""
-    return metric(forward(handle, batch).logits)

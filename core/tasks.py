@@ -215,12 +215,13 @@ class TaskScores:
     top1_correct: torch.Tensor  # [n] bool: the most likely next token is an answer
 
     def summary(self) -> dict[str, float]:
+        clean, corrupted = self.clean.double(), self.corrupted.double()
         return {
-            "accuracy": float((self.clean > 0).float().mean()),
-            "top1_accuracy": float(self.top1_correct.float().mean()),
-            "metric_clean": float(self.clean.mean()),
-            "metric_corrupted": float(self.corrupted.mean()),
-            "corrupted_accuracy": float((self.corrupted > 0).float().mean()),
+            "accuracy": float((clean > 0).double().mean()),
+            "top1_accuracy": float(self.top1_correct.double().mean()),
+            "metric_clean": float(clean.mean()),
+            "metric_corrupted": float(corrupted.mean()),
+            "corrupted_accuracy": float((corrupted > 0).double().mean()),
         }
 
 
