@@ -107,7 +107,7 @@ class SaeCircuit(Analysis):
         finding.add_head_scores("unique_codes_std", node.std(0))
         finding.add_metric("sae_seconds", sae_seconds)
         finding.add_metric(
-            "sae_seconds_per_seed", capture_seconds + np.mean([s["seconds"] for s in seeds])
+            "one_sae_seconds", capture_seconds + np.mean([s["seconds"] for s in seeds])
         )
         finding.add_metric("capture_seconds", capture_seconds)
         finding.add_metric("final_loss_mean", float(np.mean([s["loss"] for s in seeds])))
@@ -147,7 +147,7 @@ class SaeCircuit(Analysis):
         seed = ctx.seed * 1000 + index
         prompts = torch.cat([positives, negatives])
         chosen = np.random.default_rng(seed).choice(
-            len(prompts), params.train_prompts, replace=False
+            len(prompts), min(params.train_prompts, len(prompts)), replace=False
         )
         samples = prompts[torch.as_tensor(chosen)].reshape(-1, prompts.shape[-1])
 
