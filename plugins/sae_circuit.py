@@ -103,6 +103,7 @@ class SaeCircuit(Analysis):
         seeds = [self._one_seed(ctx, params, positives, negatives, s) for s in range(params.seeds)]
         sae_seconds = time.perf_counter() - started
         node = np.stack([s["node"] for s in seeds]).reshape(-1, *shape)
+        per_seed = {"unique_codes": node.tolist()}
         finding.add_head_scores("unique_codes", node.mean(0))
         finding.add_head_scores("unique_codes_std", node.std(0))
         finding.add_metric("sae_seconds", sae_seconds)
@@ -114,11 +115,13 @@ class SaeCircuit(Analysis):
         if params.edges:
             edge = np.stack([s["edge"] for s in seeds]).reshape(-1, *shape)
             finding.add_head_scores("edge_score", edge.mean(0))
+            per_seed["edge_score"] = edge.tolist()
             pairs = np.mean([s["pairs"] for s in seeds], axis=0)
             finding.add_json("edges.json", self._edge_table(pairs, handle.n_heads, 200))
             finding.summary.setdefault("tables", {})["top head pairs (edge variant)"] = (
                 self._edge_table(pairs, handle.n_heads, 10)
             )
+        finding.add_json("seeds.json", per_seed, "head scores of each seed [seed][layer][head]")
         circuit = select_heads(_as_dict(node.mean(0)), "top", params.circuit_size)
         finding.summary["circuit"] = sorted(circuit)
 
@@ -218,9 +221,10 @@ class SaeCircuit(Analysis):
             finding.summary["reference_warning"] = (
                 f"reference run {run_id} is on task {reference_task!r}, this run on {params.task!r}"
             )
+        seconds = ctx.findings.metrics(run_id).get("patching_seconds", run.duration_seconds)
         return {
             "scores": scores,
-            "seconds": run.duration_seconds,
+            "seconds": seconds,
             "source": f"run {run_id} ({run.analysis}, {metric})",
         }
 
@@ -228,11 +232,10 @@ class SaeCircuit(Analysis):
         top = select_heads(_as_dict(reference["scores"]), "top", params.reference_top_k)
         per_seed = [evaluate_ranking(n, top) for n in node]
         aucs = np.array([r["roc_auc"] for r in per_seed])
-        for name, values in (("auc", aucs),):
-            finding.add_metric(f"{name}_mean", float(values.mean()))
-            finding.add_metric(f"{name}_std", float(values.std()))
-            finding.add_metric(f"{name}_min", float(values.min()))
-            finding.add_metric(f"{name}_max", float(values.max()))
+        finding.add_metric("auc_mean", float(aucs.mean()))
+        finding.add_metric("auc_std", float(aucs.std()))
+        finding.add_metric("auc_min", float(aucs.min()))
+        finding.add_metric("auc_max", float(aucs.max()))
         pooled = evaluate_ranking(node.mean(0), top)
         finding.add_metric("auc_of_mean_scores", pooled["roc_auc"])
         for key in ("top_k_precision", "top_k_recall", "balanced_precision", "balanced_recall"):
@@ -251,7 +254,26 @@ class SaeCircuit(Analysis):
         if reference["seconds"] is not None:
             finding.add_metric("reference_seconds", float(reference["seconds"]))
         finding.summary["reference"] = {"source": reference["source"], "top_heads": sorted(top)}
-        finding.summary.setdefault("tables", {})["AUC per seed"] = rows
+        tables = finding.summary.setdefault("tables", {})
+        tables["AUC per seed"] = rows
+        tables["reference heads"] = _reference_rows(reference["scores"], node.mean(0), top)
+
+
+def _reference_rows(reference: np.ndarray, scores: np.ndarray, top: set) -> list[dict]:
+    """The reference's top heads with their SAE score and rank (1 = best)."""
+    ranked = sorted(_as_dict(scores).items(), key=lambda item: (-item[1], item[0]))
+    rank = {head: i + 1 for i, (head, _) in enumerate(ranked)}
+    rows = [
+        {
+            "layer": layer,
+            "head": head,
+            "reference": float(reference[layer, head]),
+            "unique_codes": float(scores[layer, head]),
+            "sae_rank": rank[(layer, head)],
+        }
+        for layer, head in top
+    ]
+    return sorted(rows, key=lambda row: -row["reference"])
 
 
 def _as_dict(matrix: np.ndarray) -> dict[tuple[int, int], float]:
