@@ -40,7 +40,10 @@ class DiscreteSAE(nn.Module):
         self.dec_weight = nn.Parameter(torch.randn(d_in, n_units, generator=generator))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.linear(x - self.bias, F.normalize(self.enc_weight, dim=-1), self.enc_bias))
+        weight = F.normalize(self.enc_weight, dim=-1)
+        # W_e (x - b) + b_e written as W_e x + (b_e - W_e b): the same map, and the
+        # backward pass needs no gradient with respect to the [samples, d] input
+        return F.relu(F.linear(x, weight, self.enc_bias - weight @ self.bias))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.encode(x)
