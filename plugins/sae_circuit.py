@@ -49,6 +49,11 @@ class SaeCircuitParams(BaseModel):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     steps: int = Field(500, ge=1, le=1_000_000, description="Full-batch training steps.")
     seeds: int = Field(5, ge=1, le=100, description="SAEs trained (fresh init and prompts).")
+    unit_norm: bool = Field(
+        False,
+        description="Scale each (prompt, head) vector to unit length before the SAE (not in "
+        "the published method; keeps large late-layer heads from dominating the fit).",
+    )
     edges: bool = Field(True, description="Also score head pairs (edge variant).")
     edge_pairs: int = Field(
         64, ge=1, description="Edge variant: a head's score counts its top-ranked pairs."
@@ -99,6 +104,9 @@ class SaeCircuit(Analysis):
 
         started = time.perf_counter()
         positives, negatives = self._capture(ctx, data, params.batch_size)
+        if params.unit_norm:
+            positives = torch.nn.functional.normalize(positives, dim=-1)
+            negatives = torch.nn.functional.normalize(negatives, dim=-1)
         capture_seconds = time.perf_counter() - started
         seeds = [self._one_seed(ctx, params, positives, negatives, s) for s in range(params.seeds)]
         sae_seconds = time.perf_counter() - started
