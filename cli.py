@@ -29,10 +29,14 @@ models_app = typer.Typer(help="List, fetch and inspect models.", no_args_is_help
 runs_app = typer.Typer(help="Inspect, export and compare stored runs.", no_args_is_help=True)
 db_app = typer.Typer(help="Where findings are stored, and schema upgrades.", no_args_is_help=True)
 analyses_app = typer.Typer(help="Installed analyses and their parameters.", no_args_is_help=True)
+tasks_app = typer.Typer(
+    help="Tasks circuit analyses run on: examples and the model's accuracy.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
 app.add_typer(db_app, name="db")
 app.add_typer(analyses_app, name="analyses")
+app.add_typer(tasks_app, name="tasks")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -556,6 +560,87 @@ def analyses_describe(
             field.description or "",
         )
     console.print(table)
+
+
+# ----------------------------------------------------------------------------------
+# tasks
+# ----------------------------------------------------------------------------------
+@tasks_app.command("list")
+def tasks_list(format: str = FormatOption()) -> None:
+    """List installed tasks (a task file is named jsonl:PATH)."""
+    from .core.plugins import get_registry
+
+    _check_format(format, ("table", "json"))
+    registry = get_registry()
+    owners = {name: info.name for info in registry.plugins for name in info.tasks}
+    rows = [
+        {**task.describe(), "plugin": owners.get(name)}
+        for name, task in sorted(registry.tasks.items())
+    ]
+    if format == "json":
+        _emit_json(rows)
+        return
+    table = Table(title="tasks")
+    for column in ("name", "plugin", "metric", "description"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["plugin"] or "", row["metric"], row["description"])
+    console.print(table)
+    console.print("Also accepted: jsonl:PATH, a task file (see docs/tasks.md).")
+
+
+@tasks_app.command("show")
+def tasks_show(
+    name: str = typer.Argument(..., help="Task name or jsonl:PATH."),
+    model: str = typer.Option(
+        "smollm2-135m", "--model", "-m", help="Model name, directory, .gguf or hub id."
+    ),
+    n: int = typer.Option(32, "--n", min=1, help="Examples to build and score."),
+    examples: int = typer.Option(5, "--examples", min=0, help="Examples to print."),
+    seed: int = typer.Option(0, "--seed", help="Seed for building examples."),
+    format: str = FormatOption(),
+) -> None:
+    """Show a task's examples and the model's accuracy on them."""
+    from .core.models import load_spec
+    from .core.plugins import get_registry
+    from .core.tasks import resolve_task, task_report
+
+    _check_format(format, ("table", "json"))
+    registry = get_registry()
+    task = resolve_task(registry, name)
+    with progress_bar(format != "json") as progress:
+        handle = load_spec(registry.models.resolve(model), progress)
+    report = task_report(handle, task, n, seed, examples)
+    if format == "json":
+        _emit_json(report)
+        return
+    console.print(f"[bold]{report['name']}[/]: {report['description']}", highlight=False)
+    console.print(f"metric: {report['metric']} ({report['metric_description']})", highlight=False)
+    table = Table(title=f"examples on {handle.name}")
+    for column in ("prompt", "answer", "distractor", "corrupted", "metric", "corrupted metric"):
+        table.add_column(column)
+    for row in report["examples"]:
+        table.add_row(
+            row["prompt"],
+            _short(row["answers"]),
+            _short(row["distractors"]),
+            row["corrupted"],
+            f"{row['metric_clean']:.3f}",
+            f"{row['metric_corrupted']:.3f}",
+        )
+    console.print(table)
+    dropped = ", ".join(f"{k}: {v}" for k, v in report["dropped"].items()) or "none"
+    console.print(
+        f"{report['pairs']} pairs (dropped: {dropped}); accuracy {report['accuracy']:.3f} "
+        f"(metric > 0), top-1 accuracy {report['top1_accuracy']:.3f}, mean metric "
+        f"{report['metric_clean']:.3f} clean vs {report['metric_corrupted']:.3f} corrupted",
+        highlight=False,
+    )
+
+
+def _short(tokens: list[str]) -> str:
+    shown = " | ".join(repr(t) for t in tokens[:3])
+    return shown + (f" (+{len(tokens) - 3})" if len(tokens) > 3 else "")
 
 
 # ----------------------------------------------------------------------------------

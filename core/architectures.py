@@ -110,6 +110,16 @@ class ArchitectureAdapter:
     def embed_tokens(self, root: Any) -> Any:
         raise NotImplementedError
 
+    def head_output_weights(self, root: Any, index: int) -> torch.Tensor:
+        """The output projection split per head: [H, head_dim, d_model].
+
+        Head h writes `z_h @ W[h]` to the residual stream (plus the projection's bias,
+        which belongs to no head). `root` is the plain transformers model: weights
+        are read, not traced. nn.Linear stores [d_model, H * head_dim].
+        """
+        weight = self.o_proj(root, index).weight.detach()
+        return weight.T.reshape(self.n_heads, self.head_dim, -1)
+
     def lm_head(self, root: Any) -> Any:
         return root.lm_head
 
@@ -281,6 +291,11 @@ class GPT2Adapter(ArchitectureAdapter):
 
     def o_proj(self, root, index):
         return self.attn(root, index).c_proj
+
+    def head_output_weights(self, root, index):
+        # Conv1D stores the transpose of nn.Linear: [H * head_dim, d_model].
+        weight = self.o_proj(root, index).weight.detach()
+        return weight.reshape(self.n_heads, self.head_dim, -1)
 
     def embed_tokens(self, root: Any) -> Any:
         return root.transformer.wte

@@ -30,6 +30,9 @@ BUILTIN_PLUGINS = (
     "headscope.plugins.builtin_models",
     "headscope.plugins.head_detector",
     "headscope.plugins.retrieval_heads",
+    "headscope.plugins.builtin_tasks",
+    "headscope.plugins.head_patching",
+    "headscope.plugins.sae_circuit",
 )
 HOOKS = ("register_analyses", "register_models", "register_tasks")
 
@@ -66,6 +69,10 @@ class Registry:
         return self.analyses[name]
 
     def task(self, name: str) -> Any:
+        if name.startswith("jsonl:"):  # a user task file (see core.tasks)
+            from .tasks import JsonlTask
+
+            return JsonlTask.load(name.removeprefix("jsonl:"))
         if name not in self.tasks:
             known = ", ".join(sorted(self.tasks)) or "none"
             raise UnknownTaskError(f"unknown task {name!r}; installed: {known}")

@@ -412,6 +412,58 @@ class HeadPatch(Intervention):
 
 
 @dataclass
+class RowHeadPatch(Intervention):
+    """Patch different heads in different rows: many patched copies of a batch in one pass.
+
+    Row r of the batch gets heads `row_heads[r]` (a list of (layer, head); empty
+    leaves the row untouched) replaced with row `source_rows[r]` of `source`
+    (layer -> [n, s, H, hd], as `HeadOutputs` records with all positions, for
+    prompts of the batch's width). Prefill only.
+    """
+
+    row_heads: Sequence[Sequence[tuple[int, int]]]
+    source: dict[int, torch.Tensor]
+    source_rows: Sequence[int]
+    steps: Steps = field(default="prefill", kw_only=True)
+
+    def output_layers(self):
+        return {int(layer) for heads in self.row_heads for layer, _ in heads}
+
+    def validate(self, handle, batch):
+        if len(self.row_heads) != batch.size or len(self.source_rows) != batch.size:
+            raise InvalidParamsError(
+                f"row patch gives {len(self.row_heads)} head lists and "
+                f"{len(self.source_rows)} source rows for a batch of {batch.size}"
+            )
+        for heads in self.row_heads:
+            check_heads(handle, head_map(heads))
+        for layer in self.output_layers():
+            if layer not in self.source:
+                raise InvalidParamsError(f"patch source lacks layer {layer}")
+            n, width = self.source[layer].shape[:2]
+            if width != batch.width:
+                raise InvalidParamsError(
+                    f"patch source for layer {layer} is {width} tokens wide, the batch "
+                    f"{batch.width}; patch between prompts of equal length"
+                )
+            if not all(0 <= int(r) < n for r in self.source_rows):
+                raise InvalidParamsError(f"source_rows must lie in 0..{n - 1}")
+
+    def at_head_output(self, site, record):
+        picks = [
+            (row, int(head), int(self.source_rows[row]))
+            for row, heads in enumerate(self.row_heads)
+            for layer, head in heads
+            if int(layer) == site.layer
+        ]
+        if not picks:
+            return
+        rows, heads, sources = (torch.tensor(column) for column in zip(*picks, strict=True))
+        value = site.edit()
+        value[rows, :, heads] = self.source[site.layer].to(value)[sources, :, heads]
+
+
+@dataclass
 class AttentionBias(Intervention):
     """Add to the pre-softmax logits of chosen heads at chosen key positions.
 

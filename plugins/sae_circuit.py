@@ -1,0 +1,298 @@
+"""sae-circuit: circuit identification with discrete sparse autoencoders.
+
+O'Neill & Bui 2024. Every head's residual-stream write, averaged over the prompt's
+tokens, is one sample; one SAE (200 units, L1 0.02, Adam 1e-3, 500 full-batch steps)
+is trained on the samples of only 10 prompts drawn from positives and negatives;
+each sample's code is its most active unit. A head's score is the number of codes
+it takes on positive prompts (clean task prompts) and never on negative ones
+(their corruptions). The edge variant counts code pairs of two heads seen
+together on positives, never on negatives.
+
+Each seed trains a fresh SAE on a fresh draw of training prompts; head scores are
+averaged over seeds and their spread is stored. With `reference=RUN_ID` (a stored
+head-patching run) or `reference=auto` (head-patching computed here, on the first
+`reference_examples` pairs), the ranking is scored against the reference's top
+heads: ROC AUC per seed, precision/recall, and both methods' runtimes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from headscope.core import sae
+from headscope.core.analysis import Analysis, Finding, RunContext
+from headscope.core.compare import select_heads
+from headscope.core.errors import InvalidParamsError
+from headscope.core.evaluation import evaluate_ranking
+from headscope.core.head_results import head_results
+from headscope.core.hookspecs import hookimpl
+from headscope.core.plots import head_heatmap
+from headscope.core.tasks import TaskData, prepare_task, resolve_task, score_task
+from headscope.plugins.head_patching import describe_task, reference_effects
+
+
+class SaeCircuitParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field("ioi", description="Task name (`headscope tasks list`) or jsonl:PATH.")
+    n_examples: int = Field(
+        100, ge=2, le=10_000, description="Prompt pairs: clean = positive, corrupted = negative."
+    )
+    train_prompts: int = Field(10, ge=1, description="Prompts the SAE is trained on.")
+    dict_size: int = Field(200, ge=2, le=100_000, description="SAE dictionary units.")
+    l1: float = Field(0.02, ge=0, description="L1 coefficient of the SAE loss.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    steps: int = Field(500, ge=1, le=1_000_000, description="Full-batch training steps.")
+    seeds: int = Field(5, ge=1, le=100, description="SAEs trained (fresh init and prompts).")
+    unit_norm: bool = Field(
+        False,
+        description="Scale each (prompt, head) vector to unit length before the SAE (not in "
+        "the published method; keeps large late-layer heads from dominating the fit).",
+    )
+    edges: bool = Field(True, description="Also score head pairs (edge variant).")
+    edge_pairs: int = Field(
+        64, ge=1, description="Edge variant: a head's score counts its top-ranked pairs."
+    )
+    circuit_size: int = Field(15, ge=1, description="Heads in the reported circuit.")
+    reference: str | None = Field(
+        None, description="Run id of a head-patching run, or auto to compute one here."
+    )
+    reference_top_k: int = Field(15, ge=1, description="Reference heads = its top k.")
+    reference_examples: int = Field(8, ge=1, description="Pairs patched for reference=auto.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Prompts per forward pass.")
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _reference(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if value is None or value == "auto" or (isinstance(value, str) and value.isdigit()):
+            return value
+        raise ValueError("reference must be a run id or auto")
+
+
+class SaeCircuit(Analysis):
+    name = "sae-circuit"
+    version = "1"
+    summary = "Circuit heads from a discrete SAE's task-specific codes (O'Neill & Bui)."
+    Params = SaeCircuitParams
+    primary_metric = "unique_codes"
+    head_selection = ("top", 15)
+
+    @classmethod
+    def check(cls, params: SaeCircuitParams, handle) -> None:
+        task = resolve_task(None, params.task)
+        data = prepare_task(handle, task, params.n_examples, np.random.default_rng(0))
+        if params.train_prompts > 2 * len(data):
+            raise InvalidParamsError(
+                f"train_prompts={params.train_prompts} exceeds the {2 * len(data)} prompts "
+                f"of {len(data)} pairs"
+            )
+
+    def run(self, ctx: RunContext, params: SaeCircuitParams) -> Finding:
+        handle = ctx.model
+        task = resolve_task(ctx.registry, params.task)
+        data = prepare_task(handle, task, params.n_examples, ctx.rng)
+        finding = Finding()
+        describe_task(finding, handle, data, params.batch_size)
+        shape = (handle.n_layers, handle.n_heads)
+
+        started = time.perf_counter()
+        positives, negatives = self._capture(ctx, data, params.batch_size)
+        if params.unit_norm:
+            positives = torch.nn.functional.normalize(positives, dim=-1)
+            negatives = torch.nn.functional.normalize(negatives, dim=-1)
+        capture_seconds = time.perf_counter() - started
+        seeds = [self._one_seed(ctx, params, positives, negatives, s) for s in range(params.seeds)]
+        sae_seconds = time.perf_counter() - started
+        node = np.stack([s["node"] for s in seeds]).reshape(-1, *shape)
+        per_seed = {"unique_codes": node.tolist()}
+        finding.add_head_scores("unique_codes", node.mean(0))
+        finding.add_head_scores("unique_codes_std", node.std(0))
+        finding.add_metric("sae_seconds", sae_seconds)
+        finding.add_metric(
+            "one_sae_seconds", capture_seconds + np.mean([s["seconds"] for s in seeds])
+        )
+        finding.add_metric("capture_seconds", capture_seconds)
+        finding.add_metric("final_loss_mean", float(np.mean([s["loss"] for s in seeds])))
+        if params.edges:
+            edge = np.stack([s["edge"] for s in seeds]).reshape(-1, *shape)
+            finding.add_head_scores("edge_score", edge.mean(0))
+            per_seed["edge_score"] = edge.tolist()
+            pairs = np.mean([s["pairs"] for s in seeds], axis=0)
+            finding.add_json("edges.json", self._edge_table(pairs, handle.n_heads, 200))
+            finding.summary.setdefault("tables", {})["top head pairs (edge variant)"] = (
+                self._edge_table(pairs, handle.n_heads, 10)
+            )
+        finding.add_json("seeds.json", per_seed, "head scores of each seed [seed][layer][head]")
+        circuit = select_heads(_as_dict(node.mean(0)), "top", params.circuit_size)
+        finding.summary["circuit"] = sorted(circuit)
+
+        if params.reference is not None:
+            reference = self._reference(ctx, params, data, finding)
+            self._evaluate(finding, params, seeds, node, reference, shape)
+        figure = head_heatmap(node.mean(0), f"unique codes on {task.name} ({handle.name})")
+        finding.add_figure("unique_codes.png", figure, "codes unique to positive prompts")
+        return finding
+
+    # -- steps ----------------------------------------------------------------------
+    def _capture(self, ctx, data: TaskData, batch_size: int):
+        """Head results [n, layers * heads, d] for clean (positive) and corrupted prompts."""
+        handle = ctx.model
+        chunks = data.chunks(batch_size)
+        out: dict[str, list[torch.Tensor]] = {"clean": [], "corrupted": []}
+        for i, chunk in enumerate(chunks):
+            ctx.progress(i, len(chunks), f"capture {i + 1}/{len(chunks)}")
+            out["clean"].append(head_results(handle, chunk.clean_batch(handle)))
+            out["corrupted"].append(head_results(handle, chunk.corrupted_batch(handle)))
+        flat = [torch.cat(out[k]).flatten(1, 2) for k in ("clean", "corrupted")]
+        return flat[0], flat[1]
+
+    def _one_seed(self, ctx, params, positives, negatives, index: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        seed = ctx.seed * 1000 + index
+        prompts = torch.cat([positives, negatives])
+        chosen = np.random.default_rng(seed).choice(
+            len(prompts), min(params.train_prompts, len(prompts)), replace=False
+        )
+        samples = prompts[torch.as_tensor(chosen)].reshape(-1, prompts.shape[-1])
+
+        def on_step(step: int) -> None:
+            done = index * params.steps + step
+            ctx.progress(done, params.seeds * params.steps, f"SAE seed {index + 1}/{params.seeds}")
+
+        trained = sae.train_sae(
+            samples, params.dict_size, params.l1, params.lr, params.steps, seed, on_step
+        )
+        pos = sae.codes(trained.sae, positives)
+        neg = sae.codes(trained.sae, negatives)
+        result = {
+            "node": sae.unique_code_counts(pos, neg, params.dict_size),
+            "loss": trained.losses[-1],
+        }
+        if params.edges:
+            pairs = sae.unique_pair_counts(pos, neg, params.dict_size)
+            result["pairs"] = pairs
+            result["edge"] = sae.edge_node_scores(pairs, params.edge_pairs)
+        result["seconds"] = time.perf_counter() - started
+        return result
+
+    @staticmethod
+    def _edge_table(pairs: np.ndarray, heads: int, k: int) -> list[dict]:
+        """The k head pairs with most code pairs unique to positives (mean over seeds)."""
+        return [
+            {
+                "head_a": f"L{u // heads}H{u % heads}",
+                "head_b": f"L{v // heads}H{v % heads}",
+                "unique_code_pairs": count,
+            }
+            for u, v, count in sae.top_pairs(pairs, k)
+        ]
+
+    def _reference(self, ctx, params, data: TaskData, finding: Finding) -> dict[str, Any]:
+        """Reference head scores [L, H], their source and runtime."""
+        handle = ctx.model
+        if params.reference == "auto":
+            subset = data.subset(params.reference_examples)
+            scores = score_task(handle, subset, params.batch_size).summary()
+            effects = reference_effects(
+                ctx, subset, scores["metric_clean"] - scores["metric_corrupted"]
+            )
+            importance = effects["importance"].numpy()
+            finding.add_head_scores("reference_importance", importance)
+            return {
+                "scores": importance,
+                "seconds": effects["patching_seconds"],
+                "source": f"head-patching computed here on {len(subset)} pairs",
+            }
+        run_id = int(params.reference)
+        run = ctx.findings.run(run_id)
+        if run.status != "succeeded":
+            raise InvalidParamsError(f"reference run {run_id} has status {run.status}")
+        if run.model != handle.name:
+            raise InvalidParamsError(
+                f"reference run {run_id} is on {run.model}, this run on {handle.name}"
+            )
+        analysis = ctx.registry.analyses.get(run.analysis) if ctx.registry else None
+        metric = analysis.primary_metric if analysis and analysis.primary_metric else "importance"
+        values = ctx.findings.head_scores(run_id, metric)
+        scores = np.zeros((handle.n_layers, handle.n_heads))
+        for (layer, head), value in values.items():
+            scores[layer, head] = value
+        reference_task = run.params.get("task")
+        if reference_task != params.task:
+            finding.summary["reference_warning"] = (
+                f"reference run {run_id} is on task {reference_task!r}, this run on {params.task!r}"
+            )
+        seconds = ctx.findings.metrics(run_id).get("patching_seconds", run.duration_seconds)
+        return {
+            "scores": scores,
+            "seconds": seconds,
+            "source": f"run {run_id} ({run.analysis}, {metric})",
+        }
+
+    def _evaluate(self, finding, params, seeds, node, reference, shape) -> None:
+        top = select_heads(_as_dict(reference["scores"]), "top", params.reference_top_k)
+        per_seed = [evaluate_ranking(n, top) for n in node]
+        aucs = np.array([r["roc_auc"] for r in per_seed])
+        finding.add_metric("auc_mean", float(aucs.mean()))
+        finding.add_metric("auc_std", float(aucs.std()))
+        finding.add_metric("auc_min", float(aucs.min()))
+        finding.add_metric("auc_max", float(aucs.max()))
+        pooled = evaluate_ranking(node.mean(0), top)
+        finding.add_metric("auc_of_mean_scores", pooled["roc_auc"])
+        for key in ("top_k_precision", "top_k_recall", "balanced_precision", "balanced_recall"):
+            finding.add_metric(key, float(np.mean([r[key] for r in per_seed])))
+        rows = [
+            {"seed": i, "roc_auc": r["roc_auc"], "top_k_precision": r["top_k_precision"]}
+            for i, r in enumerate(per_seed)
+        ]
+        if params.edges:
+            edge = np.stack([s["edge"] for s in seeds]).reshape(-1, *shape)
+            edge_aucs = np.array([evaluate_ranking(e, top)["roc_auc"] for e in edge])
+            finding.add_metric("edge_auc_mean", float(edge_aucs.mean()))
+            finding.add_metric("edge_auc_std", float(edge_aucs.std()))
+            for row, value in zip(rows, edge_aucs, strict=True):
+                row["edge_roc_auc"] = float(value)
+        if reference["seconds"] is not None:
+            finding.add_metric("reference_seconds", float(reference["seconds"]))
+        finding.summary["reference"] = {"source": reference["source"], "top_heads": sorted(top)}
+        tables = finding.summary.setdefault("tables", {})
+        tables["AUC per seed"] = rows
+        tables["reference heads"] = _reference_rows(reference["scores"], node.mean(0), top)
+
+
+def _reference_rows(reference: np.ndarray, scores: np.ndarray, top: set) -> list[dict]:
+    """The reference's top heads with their SAE score and rank (1 = best)."""
+    ranked = sorted(_as_dict(scores).items(), key=lambda item: (-item[1], item[0]))
+    rank = {head: i + 1 for i, (head, _) in enumerate(ranked)}
+    rows = [
+        {
+            "layer": layer,
+            "head": head,
+            "reference": float(reference[layer, head]),
+            "unique_codes": float(scores[layer, head]),
+            "sae_rank": rank[(layer, head)],
+        }
+        for layer, head in top
+    ]
+    return sorted(rows, key=lambda row: -row["reference"])
+
+
+def _as_dict(matrix: np.ndarray) -> dict[tuple[int, int], float]:
+    layers, heads = matrix.shape
+    return {
+        (layer, head): float(matrix[layer, head])
+        for layer in range(layers)
+        for head in range(heads)
+    }
+
+
+@hookimpl
+def register_analyses(register):
+    register(SaeCircuit)
