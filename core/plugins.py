@@ -29,6 +29,8 @@ from .models import ModelRegistry, ModelSpec
 BUILTIN_PLUGINS = (
     "headscope.plugins.builtin_models",
     "headscope.plugins.head_detector",
+    "headscope.plugins.context_heads",
+    "headscope.plugins.attention_modulation",
 )
 HOOKS = ("register_analyses", "register_models", "register_tasks")
 
