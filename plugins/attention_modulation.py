@@ -69,6 +69,9 @@ class ModulationParams(DatasetParams):
     )
     sink_threshold: float = Field(0.1, gt=0, lt=1, description="ACT sink threshold.")
     controls: bool = Field(True, description="Also run all-heads and random-heads controls.")
+    random_draws: int = Field(
+        1, ge=1, le=20, description="Random head sets in the control (metrics are averaged)."
+    )
     generate: bool = Field(True, description="Also score greedy answers (exact match).")
     max_new_tokens: int = Field(8, ge=1, le=64, description="Tokens per greedy answer.")
     calibration_tokens: int = Field(
@@ -130,10 +133,12 @@ class AttentionModulation(Analysis):
         if params.controls:
             n_heads = sum(len(hs) for hs in heads.values())
             pool = sorted((layer, h) for layer in layers for h in range(handle.n_heads))
-            picks = ctx.rng.choice(len(pool), size=min(n_heads, len(pool)), replace=False)
-            random_heads = head_map([pool[int(i)] for i in sorted(picks)])
             settings.append(self._modulation(params, layer_heads(handle, layers), "all_heads"))
-            settings.append(self._modulation(params, random_heads, "random_heads"))
+            for draw in range(params.random_draws):
+                picks = ctx.rng.choice(len(pool), size=min(n_heads, len(pool)), replace=False)
+                random_heads = head_map([pool[int(i)] for i in sorted(picks)])
+                label = "random_heads" if params.random_draws == 1 else f"random_heads_{draw + 1}"
+                settings.append(self._modulation(params, random_heads, label))
         for setting in settings[1:]:
             setting.validate(handle)
 
@@ -230,6 +235,17 @@ class AttentionModulation(Analysis):
                     f"{result.label}.perplexity_change",
                     result.metrics["perplexity"] / base["perplexity"] - 1.0,
                 )
+        draws = [r.metrics for r in evaluations if r.label.startswith("random_heads_")]
+        if draws:  # the random control's mean over draws, named as for one draw
+            for name in draws[0]:
+                values = [d[name] for d in draws if name in d]
+                finding.add_metric(f"random_heads.{name}", sum(values) / len(values))
+            for m in ("faithful_prob", "faithful_em"):
+                if m in draws[0]:
+                    gain = finding.metrics[f"random_heads.{m}"] - base[m]
+                    finding.add_metric(f"random_heads.gain_{m}", gain)
+            change = finding.metrics["random_heads.perplexity"] / base["perplexity"] - 1.0
+            finding.add_metric("random_heads.perplexity_change", change)
         finding.add_metric("selected_heads", settings[1].n_heads)
         finding.add_metric("calibration_examples", n_calibration)
         finding.add_metric("held_out_examples", base["examples"])
