@@ -89,7 +89,7 @@ class Modulation:
             steer = T.AttentionBias(self.heads, keys, value, "add", query_from)
         items: list[T.Intervention] = [steer]
         if self.sink_beta is not None:
-            sinks = find_sinks(handle, batch, sorted(self.heads), self.sink_threshold)
+            sinks = prompt_sinks(handle, batch, marked, sorted(self.heads), self.sink_threshold)
             items.append(T.SinkCalibration(self.heads, sinks, self.sink_beta, query_from))
         return items
 
@@ -116,6 +116,28 @@ def find_sinks(
     for layer in layers:
         received = result.get("received", layer)  # [b, H, width]
         sinks[layer] = (received > threshold) & ~first[:, None, :]
+    return sinks
+
+
+def prompt_sinks(
+    handle: ModelHandle,
+    batch: T.Batch,
+    marked: Sequence[MarkedPrompt],
+    layers: Sequence[int],
+    threshold: float,
+) -> dict[int, torch.Tensor]:
+    """Sinks found on the prompts alone, laid out over `batch`'s columns (whose rows
+    may continue past their prompts), so scoring an answer and generating it see
+    the same sinks."""
+    prompts = T.make_batch(handle, [list(m.ids) for m in marked])
+    found = find_sinks(handle, prompts, layers, threshold)
+    sinks = {}
+    for layer, mask in found.items():
+        out = torch.zeros(batch.size, mask.shape[1], batch.width, dtype=torch.bool)
+        for row, m in enumerate(marked):
+            src, dst = prompts.pads[row], batch.pads[row]
+            out[row, :, dst : dst + len(m)] = mask[row, :, src : src + len(m)]
+        sinks[layer] = out
     return sinks
 
 

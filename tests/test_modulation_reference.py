@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from headscope.core import tracing as T
-from headscope.core.modulation import Modulation, find_sinks, generate_marked
+from headscope.core.modulation import Modulation, find_sinks, generate_marked, prompt_sinks
 from headscope.core.spans import CharSpan, TokenSet, mark
 
 from conftest import tiny_handle
@@ -254,3 +254,18 @@ def test_modulation_items_serialise_for_remote_runs():
         torch.testing.assert_close(
             local.get("received", 2), remote.get("received", 2), atol=1e-6, rtol=0
         )
+
+
+def test_sinks_come_from_the_prompt_alone_when_an_answer_follows():
+    handle = tiny_handle("llama")
+    marked = [marked_prompt(handle), marked_prompt(handle, "Context: x. " + PROMPT)]
+    answers = [handle.encode(" 4821", add_special_tokens=False), handle.encode(" 7")]
+    prompts = T.make_batch(handle, [list(m.ids) for m in marked])
+    scored = T.make_batch(handle, [list(m.ids) + a for m, a in zip(marked, answers, strict=True)])
+    on_prompts = find_sinks(handle, prompts, [1], 0.05)[1]
+    laid_out = prompt_sinks(handle, scored, marked, [1], 0.05)[1]
+    assert on_prompts.any()
+    for row, m in enumerate(marked):
+        a, b = prompts.pads[row], scored.pads[row]
+        assert torch.equal(laid_out[row, :, b : b + len(m)], on_prompts[row, :, a : a + len(m)])
+        assert not laid_out[row, :, b + len(m) :].any() and not laid_out[row, :, :b].any()
