@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 
 from headscope.core.analysis import Analysis, Finding, RunContext
-from headscope.core.context_sensitivity import context_sensitivity
+from headscope.core.context_sensitivity import METRICS, context_sensitivity
 from headscope.core.errors import InvalidParamsError
 from headscope.core.faithfulness import Evaluation, evaluate, perplexity
 from headscope.core.hookspecs import hookimpl
@@ -43,8 +43,10 @@ class ModulationParams(DatasetParams):
         description="top_k / threshold on `metric`, an explicit `heads` list, or all heads "
         "of the layer range.",
     )
-    metric: Literal["context_mass", "answer_context_mass", "lookback_ratio"] = Field(
-        "answer_context_mass", description="Head score used by top_k and threshold."
+    metric: str = Field(
+        "answer_context_mass",
+        description="Head score used by top_k and threshold: a context-heads metric, or "
+        "with from_run any head metric of that run.",
     )
     top_k: int = Field(20, ge=1, le=10000, description="Heads to steer (selection=top_k).")
     threshold: float | None = Field(None, description="Score above which heads are steered.")
@@ -84,6 +86,12 @@ class ModulationParams(DatasetParams):
             raise ValueError("selection=threshold needs `threshold`")
         if self.selection == "list" and not self.heads:
             raise ValueError("selection=list needs `heads`: [[layer, head], ...]")
+        if self.from_run is None and self.selection in ("top_k", "threshold"):
+            if self.metric not in METRICS:
+                raise ValueError(
+                    f"metric {self.metric!r} is not a context-heads metric "
+                    f"({', '.join(METRICS)}); other metrics need from_run"
+                )
         if self.max_layer is not None and self.max_layer < self.min_layer:
             raise ValueError(f"max_layer {self.max_layer} is below min_layer {self.min_layer}")
         return self

@@ -79,6 +79,8 @@ def test_context_heads_then_modulation_from_its_heads(capsys, tmp_path):
         (["-p", "dataset=nonsense"], "unknown dataset"),
         (["-p", "n_examples=1"], "n_examples"),
         (["-p", "sink_beta=2"], "sink_beta"),
+        (["-p", "metric=induction"], "other metrics need from_run"),
+        (["-p", "selection=threshold"], "needs `threshold`"),
     ],
 )
 def test_bad_modulation_params_fail_cleanly_and_store_nothing(capsys, tmp_path, params, message):
