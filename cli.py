@@ -826,6 +826,138 @@ def serve_command(
         )
 
 
+# ----------------------------------------------------------------------------------
+# steer
+# ----------------------------------------------------------------------------------
+def parse_head_list(text: str) -> list[tuple[int, int]] | str:
+    """`all` or `LAYER.HEAD,LAYER.HEAD` (e.g. `17.3,18.6`)."""
+    if text.strip() == "all":
+        return "all"
+    heads = []
+    for part in text.split(","):
+        layer, dot, head = part.strip().partition(".")
+        if not dot or not layer.isdigit() or not head.isdigit():
+            raise InvalidParamsError(f"--heads {text!r}: write all or LAYER.HEAD,LAYER.HEAD")
+        heads.append((int(layer), int(head)))
+    return heads
+
+
+@app.command("steer")
+def steer_command(
+    prompt: str | None = typer.Argument(None, help="Prompt text (or --prompt-file)."),
+    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Read the prompt here."),
+    context: list[str] = typer.Option(
+        [], "--context", "-c", help="Mark this text of the prompt as context; repeatable."
+    ),
+    span: list[str] = typer.Option(
+        [], "--span", help="Mark characters START:END as context; repeatable."
+    ),
+    token_span: list[str] = typer.Option(
+        [], "--token-span", help="Mark token positions START:END as context; repeatable."
+    ),
+    positions: str | None = typer.Option(
+        None, "--positions", help="Mark these token positions (comma-separated)."
+    ),
+    heads: str | None = typer.Option(
+        None, "--heads", help="all (default) or LAYER.HEAD,LAYER.HEAD to steer."
+    ),
+    from_run: int | None = typer.Option(
+        None, "--from-run", help="Steer the top heads of this run (e.g. context-heads)."
+    ),
+    metric: str | None = typer.Option(None, help="Head metric of --from-run."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Heads from --from-run (20)."),
+    threshold: float | None = typer.Option(None, help="Or: --from-run heads above this."),
+    min_layer: int = typer.Option(2, "--min-layer", help="First layer that may be steered."),
+    max_layer: int | None = typer.Option(None, "--max-layer", help="Last layer (default: last)."),
+    alpha: float = typer.Option(0.5, help="PAINT strength: context logits z += alpha * |z|."),
+    form: str = typer.Option("paint", help="paint (amplify context) or pasta (damp the rest)."),
+    pasta_coefficient: float = typer.Option(
+        0.01, "--pasta-coefficient", help="PASTA: scale of non-context attention."
+    ),
+    sink_beta: float | None = typer.Option(
+        None, "--sink-beta", help="ACT sink calibration: scale sink attention by this."
+    ),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
+    stop_at_newline: bool = typer.Option(
+        False, "--stop-at-newline", help="Stop each continuation at its first newline."
+    ),
+    model: str = typer.Option(
+        "smollm2-135m", "--model", "-m", help="Model name, directory, .gguf or hub id."
+    ),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Generate with and without attention steering towards a marked context, side by side."""
+    from .core.analysis import FindingsReader
+    from .core.models import load_model
+    from .core.spans import parse_range
+    from .core.steering import SteeringRequest, steer
+
+    _check_format(format, ("table", "json"))
+    if (prompt is None) == (prompt_file is None):
+        raise InvalidParamsError("give the prompt as an argument or with --prompt-file")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text()
+        except OSError as error:
+            raise InvalidParamsError(f"cannot read prompt file {prompt_file}: {error}") from None
+    spans: list[dict[str, Any]] = [{"text": text} for text in context]
+    spans += [{"chars": parse_range(value, "--span")} for value in span]
+    spans += [{"tokens": parse_range(value, "--token-span")} for value in token_span]
+    if positions:
+        try:
+            spans.append({"positions": [int(p) for p in positions.split(",")]})
+        except ValueError:
+            raise InvalidParamsError(
+                f"--positions {positions!r}: comma-separated integers"
+            ) from None
+    if not spans:
+        raise InvalidParamsError("mark the context: --context, --span, --token-span or --positions")
+    request = SteeringRequest.parse(
+        {
+            "prompt": prompt,
+            "spans": spans,
+            "heads": parse_head_list(heads) if heads else None,
+            "from_run": from_run,
+            "metric": metric,
+            "top_k": top_k,
+            "threshold": threshold,
+            "min_layer": min_layer,
+            "max_layer": max_layer,
+            "alpha": alpha,
+            "form": form,
+            "pasta_coefficient": pasta_coefficient,
+            "sink_beta": sink_beta,
+            "max_new_tokens": max_new_tokens,
+            "stop_at_newline": stop_at_newline,
+        }
+    )
+    findings = FindingsReader(_store(db)) if from_run is not None else None
+    with progress_bar(format != "json") as progress:
+        handle = load_model(model, progress=progress)
+    result = steer(handle, request, findings)
+    if format == "json":
+        _emit_json(result.as_dict())
+        return
+    setting = result.modulation
+    strength = (
+        f"alpha {setting['alpha']}"
+        if setting["form"] == "paint"
+        else f"coefficient {setting['pasta_coefficient']}"
+    )
+    console.print(
+        f"context: {len(result.context_positions)} tokens; {setting['form']} {strength} on "
+        f"{len(setting['heads'])} heads"
+        + (f", sink beta {setting['sink_beta']}" if setting["sink_beta"] else ""),
+        highlight=False,
+    )
+    table = Table(show_lines=True)
+    table.add_column("baseline", overflow="fold")
+    table.add_column("steered", overflow="fold")
+    table.add_row(result.baseline, result.steered)
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 1, never a traceback."""
     try:

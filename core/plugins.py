@@ -33,6 +33,8 @@ BUILTIN_PLUGINS = (
     "headscope.plugins.builtin_tasks",
     "headscope.plugins.head_patching",
     "headscope.plugins.sae_circuit",
+    "headscope.plugins.context_heads",
+    "headscope.plugins.attention_modulation",
 )
 HOOKS = ("register_analyses", "register_models", "register_tasks")
 

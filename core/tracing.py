@@ -470,14 +470,15 @@ class AttentionBias(Intervention):
     mode "add": logits += value. mode "scaled": logits += value * |logits| (PAINT).
     `keys` are prompt positions (one list for all rows, or one per row).
     `query_from`: only query rows at prompt position >= query_from (and all decode
-    steps) are changed; None changes every row.
+    steps) are changed; None changes every row. One position for every row, or
+    one per row.
     """
 
     heads: HeadMap
     keys: Sequence[int] | Sequence[Sequence[int]]
     value: float
     mode: Literal["add", "scaled"] = "add"
-    query_from: int | None = None
+    query_from: int | Sequence[int] | None = None
 
     def attention_layers(self):
         return set(self.heads)
@@ -488,7 +489,7 @@ class AttentionBias(Intervention):
             raise InvalidParamsError(f"unknown bias mode {self.mode!r} (add or scaled)")
         batch.absolute(self.keys)
         if self.query_from is not None:
-            batch.absolute([self.query_from])
+            query_start_columns(batch, self.query_from)
 
     def _key_mask(self, call: AttentionCall) -> torch.Tensor:
         cols = call.plan.batch.absolute(self.keys) - call.key_offset  # cache indices [b, n]
@@ -498,11 +499,7 @@ class AttentionBias(Intervention):
         return mask[:, : call.k_len]  # [b, k]
 
     def _row_mask(self, call: AttentionCall) -> torch.Tensor:
-        b, q_len = call.query.shape[0], call.q_len
-        if call.step > 0 or self.query_from is None:
-            return torch.ones(b, q_len, dtype=torch.bool)
-        start = call.plan.batch.absolute([self.query_from])[:, 0]  # [b]
-        return torch.arange(q_len)[None, :] >= start[:, None]
+        return query_rows_mask(call, self.query_from)
 
     def at_attention(self, call, record):
         heads = self.heads.get(call.layer)
@@ -521,6 +518,126 @@ class AttentionBias(Intervention):
             )
             bias = torch.where(where, self.value * logits.abs(), torch.zeros(()))
         call.add_bias(bias)
+
+
+def query_start_columns(batch: Batch, query_from: int | Sequence[int]) -> torch.Tensor:
+    """Padded column [b] of the first steered query row: one prompt position for
+    every row, or one per row."""
+    if isinstance(query_from, int):
+        return batch.absolute([query_from])[:, 0]
+    starts = [int(p) for p in query_from]
+    if len(starts) != batch.size:
+        raise InvalidParamsError(
+            f"query_from gives {len(starts)} positions for a batch of {batch.size} prompts"
+        )
+    return batch.absolute([[p] for p in starts])[:, 0]
+
+
+def query_rows_mask(call: AttentionCall, query_from: int | Sequence[int] | None) -> torch.Tensor:
+    """[b, q] bool: the call's query rows at or after `query_from` (decode rows always)."""
+    b, q_len = call.query.shape[0], call.q_len
+    if call.step > 0 or query_from is None:
+        return torch.ones(b, q_len, dtype=torch.bool)
+    start = query_start_columns(call.plan.batch, query_from)  # [b]
+    return torch.arange(q_len)[None, :] >= start[:, None]
+
+
+@dataclass
+class SinkCalibration(Intervention):
+    """ACT-style attention-sink calibration in chosen heads.
+
+    In each steered query row, attention on the row's sink keys is scaled by `beta`
+    and the removed mass goes to every other key in proportion to its attention, so
+    the row still sums to 1. Written as a logit bias computed from the row's
+    probabilities (after any bias added before it): with S the row's mass on its
+    sinks, sink logits get log(beta * (1 - S) / (1 - beta * S)).
+
+    `sinks` maps layer -> bool [b, H, width] over padded prompt columns (see
+    `AttentionReceived` and `core.modulation.find_sinks`); generated tokens are
+    never sinks. `query_from` limits the steered prefill rows as in `AttentionBias`.
+    """
+
+    heads: HeadMap
+    sinks: Mapping[int, torch.Tensor]
+    beta: float = 0.4
+    query_from: int | Sequence[int] | None = None
+
+    def attention_layers(self):
+        return set(self.heads)
+
+    def validate(self, handle, batch):
+        check_heads(handle, self.heads)
+        if not 0.0 < self.beta <= 1.0:
+            raise InvalidParamsError(f"sink beta {self.beta} is outside (0, 1]")
+        for layer in self.heads:
+            sinks = self.sinks.get(layer)
+            expected = (batch.size, handle.n_heads, batch.width)
+            if sinks is None or tuple(sinks.shape) != expected:
+                shape = None if sinks is None else tuple(sinks.shape)
+                raise InvalidParamsError(
+                    f"sinks for layer {layer} have shape {shape}, expected {expected}"
+                )
+        if self.query_from is not None:
+            query_start_columns(batch, self.query_from)
+
+    def at_attention(self, call, record):
+        heads = list(self.heads.get(call.layer, ()))
+        if not heads:
+            return
+        b, width = call.query.shape[0], call.plan.batch.width
+        rows = torch.arange(call.q_len).expand(b, call.q_len)
+        logits = attn_math.attention_logits(
+            call.query.detach(), call.key.detach(), call.scaling, rows, heads, call.softcap
+        )
+        mask = call.mask_rows(rows)
+        probs = torch.softmax(logits + (mask if mask.shape[1] == 1 else mask[:, heads]), -1)
+        sinks = torch.zeros(b, len(heads), call.total_len, dtype=torch.bool)
+        sinks[..., :width] = self.sinks[call.layer][:, heads].bool()
+        sinks = sinks[..., call.key_offset :]  # cache columns [b, h, k]
+        mass = (probs * sinks[:, :, None]).sum(-1, keepdim=True)  # [b, h, q, 1]
+        eps = 1e-6
+        shift = torch.log(
+            self.beta * (1 - mass).clamp(min=eps) / (1 - self.beta * mass).clamp(min=eps)
+        )
+        steered = query_rows_mask(call, self.query_from)[:, None, :, None]  # [b, 1, q, 1]
+        bias = torch.zeros(b, call.query.shape[1], call.q_len, call.k_len)
+        bias[:, heads] = torch.where(sinks[:, :, None] & steered, shift, 0.0)
+        call.add_bias(bias)
+
+
+@dataclass
+class AttentionReceived(Intervention):
+    """Mean attention each prompt key receives from later query rows (prefill).
+
+    Records `(name, layer)` -> [b, H, width] over padded columns: for key j, the mean
+    over real query rows i > j of attention(i, j); 0 where no later row exists.
+    Keys receiving much more than their share are attention sinks (ACT).
+    """
+
+    layers: Sequence[int]
+    name: str = "received"
+    steps: Steps = field(default="prefill", kw_only=True)
+    reads = True
+
+    def attention_layers(self):
+        return set(self.layers)
+
+    def validate(self, handle, batch):
+        for layer in self.layers:
+            if not 0 <= layer < handle.n_layers:
+                raise InvalidParamsError(f"layer {layer} out of range 0..{handle.n_layers - 1}")
+
+    def at_attention(self, call, record):
+        batch = call.plan.batch
+        rows = torch.arange(call.q_len).expand(batch.size, call.q_len)
+        logits = attn_math.attention_logits(
+            call.query.detach(), call.key.detach(), call.scaling, rows, softcap=call.softcap
+        )
+        probs = torch.softmax(logits + call.mask_rows(rows), dim=-1)  # [b, H, s, s]
+        later = torch.tril(torch.ones(call.q_len, call.k_len, dtype=torch.bool), diagonal=-1)
+        counted = later[None] & batch.valid()[:, :, None]  # [b, query, key]
+        total = (probs * counted[:, None]).sum(2)  # [b, H, k]
+        record[(self.name, call.layer)] = total / counted.sum(1)[:, None].clamp(min=1)
 
 
 @dataclass

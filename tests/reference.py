@@ -130,8 +130,29 @@ def _biased_eager(module, query, key, value, attention_mask, scaling, dropout=0.
     if attention_mask is not None:
         weights = weights + attention_mask
     probs = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if spec is not None and "sinks" in spec:
+        probs = _rescale_sinks(probs, spec)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, probs
+
+
+def _rescale_sinks(probs, spec):
+    """ACT by hand, after the softmax: sink attention x beta, the rest scaled up so
+    each row still sums to 1. spec["sinks"] = {head: [key columns]}."""
+    probs = probs.clone()
+    q_len, k_len = probs.shape[2], probs.shape[3]
+    first_query = k_len - q_len
+    for head, cols in spec["sinks"].items():
+        for row in range(q_len):
+            if spec["query_from"] is not None and first_query + row < spec["query_from"]:
+                continue
+            p = probs[:, head, row]
+            sink = torch.zeros(k_len, dtype=torch.bool)
+            sink[[c for c in cols if c < k_len]] = True
+            mass = p[:, sink].sum(-1, keepdim=True)
+            scaled = torch.where(sink, spec["beta"] * p, p * (1 - spec["beta"] * mass) / (1 - mass))
+            probs[:, head, row] = scaled
+    return probs
 
 
 AttentionInterface.register("hs_reference_bias", _biased_eager)

@@ -1,0 +1,115 @@
+"""Per-head context sensitivity: how much each head looks at a marked context.
+
+Three scores per head, each averaged over prompts (all [layers, heads]):
+
+- `context_mass`: attention mass on the context from the query rows after it (the
+  question and the answer prefix), averaged over those rows (PAINT's sensitivity);
+- `answer_context_mass`: the same for the last prompt row only, the one that
+  predicts the first answer token;
+- `lookback_ratio`: while the model generates, a_ctx / (a_ctx + a_new) with a_ctx
+  the mean attention on context tokens and a_new the mean attention on the tokens
+  generated so far (Lookback Lens), averaged over generated tokens.
+
+All three come from one traced greedy generation per batch: attention-pattern
+scores at the prefill and attention rows of each new token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import tracing as T
+from .models import ModelHandle
+from .modulation import generate_marked
+from .spans import MarkedPrompt
+
+METRICS = ("context_mass", "answer_context_mass", "lookback_ratio")
+
+
+def _prefill_patterns(batch: T.Batch, marked: Sequence[MarkedPrompt]):
+    """Key pattern (context columns for rows after the context) and row masks."""
+    keys = torch.zeros(batch.size, batch.width, batch.width, dtype=torch.bool)
+    after = torch.zeros(batch.size, batch.width, dtype=torch.bool)
+    for row, (m, pad) in enumerate(zip(marked, batch.pads, strict=True)):
+        start = pad + min(m.end, len(m) - 1)
+        cols = torch.tensor(m.positions) + pad
+        keys[row, start:, cols] = True
+        after[row, start:] = True
+    return keys, after
+
+
+def lookback_ratios(
+    steps: Sequence[dict],
+    layers: Sequence[int],
+    batch: T.Batch,
+    marked: Sequence[MarkedPrompt],
+    generated: Sequence[int],
+    name: str = "rows",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over generated tokens of each head's lookback ratio, and the token count.
+
+    `steps[t]` holds attention rows [b, H, 1, width + t] of the forward that read
+    generated token t - 1 (t >= 1); a row stops counting after its last token.
+    Returns ([b, L, H] sums, [b] counts).
+    """
+    n_heads = steps[0][(name, layers[0])].shape[1]
+    sums = torch.zeros(batch.size, len(layers), n_heads)
+    counts = torch.zeros(batch.size)
+    for row, (m, pad) in enumerate(zip(marked, batch.pads, strict=True)):
+        cols = torch.tensor(m.positions) + pad
+        for t in range(1, generated[row]):
+            rows = torch.stack([steps[t][(name, layer)][row, :, 0] for layer in layers])
+            a_ctx = rows[..., cols].mean(-1)  # [L, H]
+            a_new = rows[..., batch.width :].mean(-1)  # generated tokens so far
+            sums[row] += a_ctx / (a_ctx + a_new).clamp(min=1e-12)
+            counts[row] += 1
+    return sums, counts
+
+
+def context_sensitivity(
+    handle: ModelHandle,
+    marked: Sequence[MarkedPrompt],
+    max_new_tokens: int = 8,
+    batch_size: int = 8,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The three scores, each [layers, heads], averaged over prompts."""
+    layers = list(range(handle.n_layers))
+    totals = {m: torch.zeros(handle.n_layers, handle.n_heads) for m in METRICS}
+    lookback_prompts = 0
+    chunks = [marked[i : i + batch_size] for i in range(0, len(marked), batch_size)]
+    for done, chunk in enumerate(chunks):
+        if progress is not None:
+            progress(done, len(chunks), f"batch {done + 1}/{len(chunks)}")
+        batch = T.make_batch(handle, [list(m.ids) for m in chunk])
+        keys, after = _prefill_patterns(batch, chunk)
+        last = torch.zeros_like(after)
+        last[:, -1] = True
+        capture = T.AttentionPatternScores(
+            layers,
+            patterns={"context_mass": keys, "answer_context_mass": keys},
+            row_masks={"context_mass": after, "answer_context_mass": last},
+        )
+        rows = T.AttentionRows(layers, [-1], output="probs")
+        result = generate_marked(
+            handle, chunk, None, max_new_tokens, stop_at_newline=True, items=[capture, rows]
+        )
+        for metric in ("context_mass", "answer_context_mass"):
+            per_prompt = torch.stack([result.steps[0][(metric, layer)] for layer in layers])
+            totals[metric] += per_prompt.sum(1)  # [L, H]
+        generated = [len(tokens) for tokens in result.tokens]
+        sums, counts = lookback_ratios(result.steps, layers, batch, chunk, generated)
+        has = counts > 0
+        if has.any():
+            totals["lookback_ratio"] += (sums[has] / counts[has, None, None]).sum(0)
+            lookback_prompts += int(has.sum())
+    if progress is not None:
+        progress(len(chunks), len(chunks), "done")
+    scores = {
+        "context_mass": totals["context_mass"] / len(marked),
+        "answer_context_mass": totals["answer_context_mass"] / len(marked),
+        "lookback_ratio": totals["lookback_ratio"] / max(lookback_prompts, 1),
+    }
+    return scores

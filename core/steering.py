@@ -1,0 +1,174 @@
+"""Steered generation as a request: what the CLI's `steer` command and other tools call.
+
+A `SteeringRequest` is plain JSON-friendly data (prompt, spans, heads, strength);
+`steer(handle, request, findings)` validates it against the model, generates the
+baseline and the steered continuation, and returns both side by side. Heads come
+from an explicit list, every head of a layer range, or the top heads of an earlier
+run (`from_run`, read through `findings`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InvalidParamsError
+from .models import ModelHandle
+from .modulation import ALPHA_RANGE, Modulation, generate_marked, layer_heads, select_heads
+from .spans import CharSpan, MarkedPrompt, Span, TokenSet, TokenSpan, find_text, mark
+from .tracing import HeadMap, head_map
+
+
+class SpanSpec(BaseModel):
+    """One marked span: exactly one of text, chars, tokens or positions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="Mark the first occurrence of this text.")
+    chars: tuple[int, int] | None = Field(None, description="Characters [start, end).")
+    tokens: tuple[int, int] | None = Field(None, description="Token positions [start, end).")
+    positions: list[int] | None = Field(None, description="Any token positions.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [
+            k for k in ("text", "chars", "tokens", "positions") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError("give exactly one of text, chars, tokens or positions per span")
+        return self
+
+    def to_span(self, prompt: str) -> Span:
+        if self.text is not None:
+            return find_text(prompt, self.text)
+        if self.chars is not None:
+            return CharSpan(*self.chars)
+        if self.tokens is not None:
+            return TokenSpan(*self.tokens)
+        return TokenSet(self.positions or [])
+
+
+class SteeringRequest(BaseModel):
+    """Generate for `prompt` with and without steering towards its marked spans."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1)
+    spans: list[SpanSpec] = Field(..., min_length=1)
+    heads: list[tuple[int, int]] | Literal["all"] | None = Field(
+        None, description="[[layer, head], ...], or all heads of the layer range."
+    )
+    from_run: int | None = Field(None, description="Use the top heads of this run.")
+    metric: str | None = Field(None, description="Head metric of from_run (default: primary).")
+    top_k: int | None = Field(None, ge=1, description="Heads taken from from_run (default 20).")
+    threshold: float | None = Field(None, description="Or: from_run heads above this score.")
+    min_layer: int = Field(2, ge=0)
+    max_layer: int | None = Field(None, ge=0)
+    alpha: float = Field(0.5, ge=ALPHA_RANGE[0], le=ALPHA_RANGE[1])
+    form: Literal["paint", "pasta"] = "paint"
+    pasta_coefficient: float = Field(0.01, gt=0, le=1)
+    sink_beta: float | None = Field(None, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    stop_at_newline: bool = False
+
+    @model_validator(mode="after")
+    def _one_head_source(self):
+        if self.heads is not None and self.from_run is not None:
+            raise ValueError("give heads or from_run, not both")
+        if self.top_k is not None and self.threshold is not None:
+            raise ValueError("give top_k or threshold, not both")
+        return self
+
+    @classmethod
+    def parse(cls, values: dict[str, Any]) -> SteeringRequest:
+        """Validate raw values; errors name each bad field."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            fields = [
+                {"field": ".".join(str(p) for p in e["loc"]) or "(request)", "message": e["msg"]}
+                for e in error.errors()
+            ]
+            lines = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+            raise InvalidParamsError(f"invalid steering request: {lines}", fields) from None
+
+
+@dataclass
+class SteeredGeneration:
+    """Baseline and steered continuations of one prompt."""
+
+    prompt: str
+    context_positions: list[int]
+    baseline: str
+    steered: str
+    baseline_tokens: list[int]
+    steered_tokens: list[int]
+    modulation: dict
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_heads(handle: ModelHandle, request: SteeringRequest, findings: Any = None) -> HeadMap:
+    """The request's heads: explicit, all of the layer range, or from an earlier run."""
+    last = request.max_layer if request.max_layer is not None else handle.n_layers - 1
+    if not 0 <= request.min_layer <= last < handle.n_layers:
+        raise InvalidParamsError(
+            f"layer range {request.min_layer}..{last} is outside 0..{handle.n_layers - 1}"
+        )
+    layers = list(range(request.min_layer, last + 1))
+    if request.from_run is not None:
+        if findings is None:
+            raise InvalidParamsError("from_run needs access to the findings store")
+        metric = request.metric or _primary_metric(findings, request.from_run)
+        scores = findings.head_scores(request.from_run, metric)
+        if request.threshold is not None:
+            return select_heads(scores, threshold=request.threshold, layers=layers)
+        return select_heads(scores, top_k=request.top_k or 20, layers=layers)
+    if request.heads is None or request.heads == "all":
+        return layer_heads(handle, layers)
+    return head_map(request.heads)
+
+
+def _primary_metric(findings: Any, run_id: int) -> str:
+    from .plugins import get_registry
+
+    run = findings.run(run_id)
+    analysis = get_registry().analyses.get(run.analysis)
+    metric = analysis.primary_metric if analysis is not None else None
+    if metric is None:
+        raise InvalidParamsError(f"run {run_id} ({run.analysis}): name the head metric to use")
+    return metric
+
+
+def marked_prompt(handle: ModelHandle, request: SteeringRequest) -> MarkedPrompt:
+    return mark(handle, request.prompt, [s.to_span(request.prompt) for s in request.spans])
+
+
+def steer(handle: ModelHandle, request: SteeringRequest, findings: Any = None) -> SteeredGeneration:
+    """Generate for the request's prompt without and with its modulation."""
+    marked = marked_prompt(handle, request)
+    modulation = Modulation(
+        resolve_heads(handle, request, findings),
+        alpha=request.alpha,
+        form=request.form,
+        pasta_coefficient=request.pasta_coefficient,
+        sink_beta=request.sink_beta,
+    )
+    modulation.validate(handle)
+    handle.check_length(len(marked) + request.max_new_tokens, "prompt plus generated tokens")
+    runs = [
+        generate_marked(handle, [marked], setting, request.max_new_tokens, request.stop_at_newline)
+        for setting in (None, modulation)
+    ]
+    return SteeredGeneration(
+        prompt=request.prompt,
+        context_positions=list(marked.positions),
+        baseline=runs[0].text(handle),
+        steered=runs[1].text(handle),
+        baseline_tokens=runs[0].tokens[0],
+        steered_tokens=runs[1].tokens[0],
+        modulation=modulation.describe(),
+    )

@@ -1,0 +1,39 @@
+"""Attention modulation on the embedded default model (smollm2-135m)."""
+
+from __future__ import annotations
+
+import pytest
+
+from headscope.core.context_data import counterfactual_swaps
+from headscope.core.faithfulness import evaluate
+from headscope.core.modulation import Modulation, layer_heads
+from headscope.core.steering import SteeringRequest, steer
+
+pytestmark = pytest.mark.real_model
+
+
+def test_steering_turns_a_memorised_answer_into_the_context_answer(smollm2):
+    example = counterfactual_swaps(1, 0)[0]  # Big Ben is in the city of Paris.
+    request = SteeringRequest.parse(
+        {
+            "prompt": example.prompt(),
+            "spans": [{"text": example.context}],
+            "heads": "all",
+            "alpha": 0.5,
+            "max_new_tokens": 4,
+            "stop_at_newline": True,
+        }
+    )
+    result = steer(smollm2, request)
+    assert result.baseline.strip().startswith(example.memory_answer)
+    assert result.steered.strip().startswith(example.answer)
+
+
+def test_modulation_raises_context_faithfulness(smollm2):
+    examples = counterfactual_swaps(8, 0)
+    modulation = Modulation(layer_heads(smollm2, range(2, smollm2.n_layers)), alpha=0.5)
+    base = evaluate(smollm2, examples, generate=False).metrics
+    steered = evaluate(smollm2, examples, modulation, generate=False).metrics
+    assert base["faithful_prob"] < 1.0
+    assert steered["faithful_prob"] > base["faithful_prob"]
+    assert steered["margin"] > base["margin"]
