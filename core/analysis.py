@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import CancelledError, InvalidParamsError
+from .errors import CancelledError, InvalidParamsError, validation_error
 
 if TYPE_CHECKING:
     from .models import ModelHandle
@@ -39,6 +39,17 @@ if TYPE_CHECKING:
 
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def top_heads(matrix: torch.Tensor, k: int) -> list[dict]:
+    """The k highest entries of a [layers, heads] score matrix, as summary rows."""
+    flat = matrix.flatten()
+    values, index = flat.topk(min(k, flat.numel()))
+    heads = matrix.shape[1]
+    return [
+        {"layer": int(i) // heads, "head": int(i) % heads, "value": round(float(v), 4)}
+        for v, i in zip(values, index, strict=True)
+    ]
 
 
 @dataclass
@@ -199,12 +210,7 @@ class Analysis:
         try:
             return cls.Params.model_validate(dict(values or {}))
         except ValidationError as error:
-            fields = [
-                {"field": ".".join(str(p) for p in e["loc"]) or "(params)", "message": e["msg"]}
-                for e in error.errors()
-            ]
-            lines = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-            raise InvalidParamsError(f"invalid params for {cls.name}: {lines}", fields) from None
+            raise validation_error(error, f"invalid params for {cls.name}") from None
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

@@ -19,13 +19,13 @@ scored as the continuation `" " + answer`. The context is the marked span.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import InvalidParamsError
+from .jsonl import read_jsonl
 from .spans import CharSpan, MarkedPrompt, mark
 
 
@@ -404,31 +404,14 @@ OPTIONAL = ("memory_answer", "answer_prefix")
 def load_jsonl(path: str | Path) -> list[ContextExample]:
     """Examples from a JSONL file: one object per line with `context`, `question`,
     `answer` and optional `memory_answer` and `answer_prefix`."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"dataset file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"cannot read dataset {path}: {error}") from None
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"{path} line {number} is not valid JSON: {error.msg}") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path} line {number} is not a JSON object")
+    for where, row in read_jsonl(path, "dataset file", DatasetError):
         missing = [k for k in REQUIRED if not isinstance(row.get(k), str) or not row[k].strip()]
         if missing:
-            raise DatasetError(
-                f"{path} line {number} lacks non-empty string field(s): {', '.join(missing)}"
-            )
+            raise DatasetError(f"{where} lacks non-empty string field(s): {', '.join(missing)}")
         for key in OPTIONAL:
             if row.get(key) is not None and not isinstance(row[key], str):
-                raise DatasetError(f"{path} line {number}: {key} must be a string")
+                raise DatasetError(f"{where}: {key} must be a string")
         examples.append(
             ContextExample(
                 context=row["context"],
@@ -437,7 +420,7 @@ def load_jsonl(path: str | Path) -> list[ContextExample]:
                 memory_answer=(row.get("memory_answer") or "").strip() or None,
                 answer_prefix=(row.get("answer_prefix") or "").strip(),
                 kind="jsonl",
-                group=f"line:{number}",
+                group=where,
             )
         )
     if not examples:

@@ -51,3 +51,17 @@ class RunNotFoundError(HeadscopeError):
 
 class CancelledError(HeadscopeError):
     """The run was cancelled cooperatively."""
+
+
+def validation_error(error, what: str, whole: str = "(params)") -> InvalidParamsError:
+    """A pydantic ValidationError as an InvalidParamsError that names each bad field.
+
+    `what` starts the message ("invalid params for NAME"); `whole` names an error
+    about the object itself rather than one field.
+    """
+    fields = [
+        {"field": ".".join(str(part) for part in item["loc"]) or whole, "message": item["msg"]}
+        for item in error.errors()
+    ]
+    lines = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    return InvalidParamsError(f"{what}: {lines}", fields)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import InvalidParamsError
+from .errors import InvalidParamsError, validation_error
 from .models import ModelHandle
 from .modulation import ALPHA_RANGE, Modulation, generate_marked, layer_heads, select_heads
 from .spans import CharSpan, MarkedPrompt, Span, TokenSet, TokenSpan, find_text, mark
@@ -87,12 +87,7 @@ class SteeringRequest(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as error:
-            fields = [
-                {"field": ".".join(str(p) for p in e["loc"]) or "(request)", "message": e["msg"]}
-                for e in error.errors()
-            ]
-            lines = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-            raise InvalidParamsError(f"invalid steering request: {lines}", fields) from None
+            raise validation_error(error, "invalid steering request", "(request)") from None
 
 
 @dataclass

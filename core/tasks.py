@@ -18,7 +18,6 @@ through the `register_tasks` hook; `jsonl:PATH` loads a user task from a file.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidParamsError
+from .jsonl import read_jsonl
 from .metrics import MetricKind, TokenMetric
 from .models import ModelHandle
 from .tracing import Batch, forward, make_batch
@@ -265,18 +265,7 @@ class JsonlTask(Task):
 
     @classmethod
     def load(cls, path: str | Path) -> JsonlTask:
-        path = Path(path).expanduser()
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise InvalidParamsError(f"task file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise InvalidParamsError(f"cannot read task file {path}: {error}") from None
-        examples = [
-            parse_task_line(line, f"{path} line {number}")
-            for number, line in enumerate(text.splitlines(), start=1)
-            if line.strip()
-        ]
+        examples = [parse_task_row(row, where) for where, row in read_jsonl(path, "task file")]
         if not examples:
             raise InvalidParamsError(f"task file {path} has no examples")
         return cls(path, examples)
@@ -285,14 +274,8 @@ class JsonlTask(Task):
         return list(self._examples)
 
 
-def parse_task_line(line: str, where: str) -> TaskExample:
-    """One JSONL line -> TaskExample; errors name `where` (file and line)."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise InvalidParamsError(f"{where}: not valid JSON ({error.msg})") from None
-    if not isinstance(row, dict):
-        raise InvalidParamsError(f"{where}: expected a JSON object")
+def parse_task_row(row: dict, where: str) -> TaskExample:
+    """One JSONL object -> TaskExample; errors name `where` (file and line)."""
     missing = [key for key in _REQUIRED if key not in row]
     if missing:
         raise InvalidParamsError(f"{where}: missing {', '.join(missing)}")

@@ -49,10 +49,15 @@ def head_map(heads: Iterable[tuple[int, int]] | Mapping[int, Iterable[int]]) -> 
     return {layer: tuple(sorted(hs)) for layer, hs in sorted(grouped.items()) if hs}
 
 
-def check_heads(handle: ModelHandle, heads: HeadMap) -> None:
-    for layer, hs in heads.items():
+def check_layers(handle: ModelHandle, layers) -> None:
+    for layer in layers:
         if not 0 <= layer < handle.n_layers:
             raise InvalidParamsError(f"layer {layer} out of range 0..{handle.n_layers - 1}")
+
+
+def check_heads(handle: ModelHandle, heads: HeadMap) -> None:
+    check_layers(handle, heads)
+    for layer, hs in heads.items():
         for head in hs:
             if not 0 <= head < handle.n_heads:
                 raise InvalidParamsError(
@@ -216,6 +221,21 @@ class AttentionCall:
                 self._bias.float().expand(out.shape[0], -1, self.q_len, self.k_len), rows
             )
         return out
+
+    def probabilities(
+        self, rows: torch.Tensor | None = None, heads: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Attention weights [b, H|len(heads), n, k] of query rows [b, n] (default: all),
+        recomputed from q and k under the mask and any bias added so far."""
+        if rows is None:
+            rows = torch.arange(self.q_len).expand(self.query.shape[0], self.q_len)
+        logits = attn_math.attention_logits(
+            self.query.detach(), self.key.detach(), self.scaling, rows, heads, self.softcap
+        )
+        mask = self.mask_rows(rows)
+        if heads is not None and mask.shape[1] != 1:
+            mask = mask[:, list(heads)]
+        return torch.softmax(logits + mask, dim=-1)
 
     def add_bias(self, bias: torch.Tensor) -> None:
         """Add [b, H, q, k] (or broadcastable) to the pre-softmax logits."""
@@ -585,12 +605,7 @@ class SinkCalibration(Intervention):
         if not heads:
             return
         b, width = call.query.shape[0], call.plan.batch.width
-        rows = torch.arange(call.q_len).expand(b, call.q_len)
-        logits = attn_math.attention_logits(
-            call.query.detach(), call.key.detach(), call.scaling, rows, heads, call.softcap
-        )
-        mask = call.mask_rows(rows)
-        probs = torch.softmax(logits + (mask if mask.shape[1] == 1 else mask[:, heads]), -1)
+        probs = call.probabilities(heads=heads)
         sinks = torch.zeros(b, len(heads), call.total_len, dtype=torch.bool)
         sinks[..., :width] = self.sinks[call.layer][:, heads].bool()
         sinks = sinks[..., call.key_offset :]  # cache columns [b, h, k]
@@ -623,17 +638,11 @@ class AttentionReceived(Intervention):
         return set(self.layers)
 
     def validate(self, handle, batch):
-        for layer in self.layers:
-            if not 0 <= layer < handle.n_layers:
-                raise InvalidParamsError(f"layer {layer} out of range 0..{handle.n_layers - 1}")
+        check_layers(handle, self.layers)
 
     def at_attention(self, call, record):
         batch = call.plan.batch
-        rows = torch.arange(call.q_len).expand(batch.size, call.q_len)
-        logits = attn_math.attention_logits(
-            call.query.detach(), call.key.detach(), call.scaling, rows, softcap=call.softcap
-        )
-        probs = torch.softmax(logits + call.mask_rows(rows), dim=-1)  # [b, H, s, s]
+        probs = call.probabilities()  # [b, H, s, s]
         later = torch.tril(torch.ones(call.q_len, call.k_len, dtype=torch.bool), diagonal=-1)
         counted = later[None] & batch.valid()[:, :, None]  # [b, query, key]
         total = (probs * counted[:, None]).sum(2)  # [b, H, k]
@@ -658,9 +667,7 @@ class HeadOutputs(Intervention):
         return set(self.layers)
 
     def validate(self, handle, batch):
-        for layer in self.layers:
-            if not 0 <= layer < handle.n_layers:
-                raise InvalidParamsError(f"layer {layer} out of range 0..{handle.n_layers - 1}")
+        check_layers(handle, self.layers)
         if self.positions is not None:
             batch.absolute(self.positions)
 
@@ -703,9 +710,7 @@ class AttentionRows(Intervention):
         return set(self.layers)
 
     def validate(self, handle, batch):
-        for layer in self.layers:
-            if not 0 <= layer < handle.n_layers:
-                raise InvalidParamsError(f"layer {layer} out of range 0..{handle.n_layers - 1}")
+        check_layers(handle, self.layers)
         if self.positions is not None:
             batch.absolute(self.positions)
         if self.output not in ("probs", "argmax", "logits"):
@@ -757,11 +762,7 @@ class AttentionPatternScores(AttentionRows):
 
     def at_attention(self, call, record):
         batch = call.plan.batch
-        rows = torch.arange(call.q_len).expand(batch.size, call.q_len)
-        logits = attn_math.attention_logits(
-            call.query.detach(), call.key.detach(), call.scaling, rows, softcap=call.softcap
-        )
-        probs = torch.softmax(logits + call.mask_rows(rows), dim=-1)  # [b, H, s, s]
+        probs = call.probabilities()  # [b, H, s, s]
         real = batch.valid()
         for name, pattern in self.patterns.items():
             counted = real if self.row_masks is None else self.row_masks[name] & real

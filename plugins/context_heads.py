@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from headscope.core.analysis import Analysis, Finding, RunContext
+from headscope.core.analysis import Analysis, Finding, RunContext, top_heads
 from headscope.core.context_data import load_dataset, split
 from headscope.core.context_sensitivity import METRICS, context_sensitivity
 from headscope.core.hookspecs import hookimpl
@@ -73,7 +73,7 @@ class ContextHeads(Analysis):
         for metric in METRICS:
             finding.add_head_scores(metric, scores[metric])
             finding.add_metric(f"max_{metric}", float(scores[metric].max()))
-            finding.summary.setdefault("top_heads", {})[metric] = _top(scores[metric], 10)
+            finding.summary.setdefault("top_heads", {})[metric] = top_heads(scores[metric], 10)
         finding.add_metric("calibration_examples", len(calibration))
         finding.add_metric("held_out_examples", len(held_out))
         figure = head_heatmap(
@@ -83,16 +83,6 @@ class ContextHeads(Analysis):
         )
         finding.add_figure(f"{self.primary_metric}.png", figure, "context attention per head")
         return finding
-
-
-def _top(matrix, k: int) -> list[dict]:
-    flat = matrix.flatten()
-    values, index = flat.topk(min(k, flat.numel()))
-    heads = matrix.shape[1]
-    return [
-        {"layer": int(i) // heads, "head": int(i) % heads, "value": round(float(v), 4)}
-        for v, i in zip(values, index, strict=True)
-    ]
 
 
 @hookimpl

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from headscope.core.analysis import Analysis, Finding, RunContext
+from headscope.core.analysis import Analysis, Finding, RunContext, top_heads
 from headscope.core.errors import ContextTooLongError, InvalidParamsError
 from headscope.core.hookspecs import hookimpl
 from headscope.core.plots import head_heatmap
@@ -134,7 +134,7 @@ class HeadDetector(Analysis):
             mean = totals[metric] / max(counts[metric], 1)
             finding.add_head_scores(metric, mean)
             finding.add_metric(f"max_{metric}", float(mean.max()))
-            finding.summary.setdefault("top_heads", {})[metric] = _top(mean, 5)
+            finding.summary.setdefault("top_heads", {})[metric] = top_heads(mean, 5)
             figure = head_heatmap(mean.numpy(), f"{metric} ({handle.name})", metric)
             finding.add_figure(f"{metric}.png", figure, f"{metric} score per head")
         finding.add_metric("random_sequences", len(random_rows))
@@ -182,16 +182,6 @@ class HeadDetector(Analysis):
 def _prefix_ids(handle) -> list[int]:
     """Ids the tokenizer puts before any text (Gemma's <bos>; none for SmolLM2)."""
     return handle.encode("")
-
-
-def _top(matrix: torch.Tensor, k: int) -> list[dict]:
-    flat = matrix.flatten()
-    values, index = flat.topk(min(k, flat.numel()))
-    heads = matrix.shape[1]
-    return [
-        {"layer": int(i) // heads, "head": int(i) % heads, "value": round(float(v), 4)}
-        for v, i in zip(values, index, strict=True)
-    ]
 
 
 @hookimpl

@@ -10,7 +10,6 @@ answer span (the words to copy) is located in token space from the same offsets.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from headscope.core.errors import InvalidParamsError
+from headscope.core.jsonl import read_jsonl
 
 DEFAULT_TEMPLATE = (
     "{context}\n\nAnswer the question using the text above.\n"
@@ -70,23 +70,8 @@ def default_haystack_paths() -> list[Path]:
 def load_needles(path: Path | None = None) -> list[Needle]:
     """Needles from JSONL (`needle`, `question`, `answer`, optional `answer_prefix`)."""
     path = Path(path) if path is not None else default_needles_path()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InvalidParamsError(f"needles file not found: {path}") from None
-    except UnicodeDecodeError as error:
-        raise InvalidParamsError(f"needles file {path} is not UTF-8 text: {error}") from None
     needles = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InvalidParamsError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise InvalidParamsError(f"{where}: expected a JSON object")
+    for where, row in read_jsonl(path, "needles file"):
         missing = [k for k in ("needle", "question", "answer") if not str(row.get(k, "")).strip()]
         if missing:
             raise InvalidParamsError(f"{where}: missing or empty {', '.join(missing)}")

@@ -224,7 +224,9 @@ def test_empty_needles_file_is_rejected(capsys, tmp_path):
         "--db",
         db,
     )
-    assert result.code == 1 and f"{bad}:1: the answer 'y' is not part of the needle" in result.err
+    assert (
+        result.code == 1 and f"{bad} line 1: the answer 'y' is not part of the needle" in result.err
+    )
     assert run_cli(capsys, "runs", "list", "-f", "json", "--db", db).json()["total"] == 0
 
 

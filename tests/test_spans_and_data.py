@@ -146,7 +146,7 @@ def test_jsonl_datasets_and_their_errors(tmp_path):
         load_jsonl(empty)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"context": "x", "question": "y", "answer": "z"}\n{not json\n')
-    with pytest.raises(DatasetError, match="line 2 is not valid JSON"):
+    with pytest.raises(DatasetError, match="line 2: not valid JSON"):
         load_jsonl(broken)
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"context": "x", "question": "y"}\n')
