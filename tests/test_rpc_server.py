@@ -221,6 +221,43 @@ def test_a_run_that_does_not_fit_the_model_fails_with_its_reason(server):
     client.close()
 
 
+def test_steered_generation_matches_the_library_call(server):
+    from headscope.core.models import load_model
+    from headscope.core.steering import SteeringRequest, steer
+
+    prompt = "Context: the sky is green today. Question: sky? Answer:"
+    params = {
+        "prompt": prompt,
+        "spans": [{"text": "the sky is green today."}],
+        "heads": [[1, 0], [2, 3]],
+        "alpha": 2.0,
+        "max_new_tokens": 6,
+    }
+    client = server.client()
+    result = client.call("generate.steer", model="tiny-llama", **params)
+    check_result(server.discover, "generate.steer", result)
+    expected = steer(load_model("tiny-llama"), SteeringRequest.parse(params))
+    assert result == json.loads(json.dumps(expected.as_dict()))
+    assert result["modulation"]["heads"] == [[1, 0], [2, 3]]
+    same = client.call("generate.steer", model="tiny-llama", **{**params, "alpha": 0.0})
+    assert same["baseline_tokens"] == same["steered_tokens"]
+    with pytest.raises(RpcError) as outside:
+        client.call(
+            "generate.steer", model="tiny-llama", **{**params, "spans": [{"chars": [0, 999]}]}
+        )
+    assert outside.value.code == -32602 and "999" in outside.value.message
+    with pytest.raises(RpcError) as no_run:
+        client.call(
+            "generate.steer",
+            model="tiny-llama",
+            prompt=prompt,
+            spans=params["spans"],
+            from_run=999999,
+        )
+    assert no_run.value.code == -32003
+    client.close()
+
+
 def test_errors_send_no_internal_details(server):
     client = server.client()
     reply = client.post(request("runs.compare", {"run_a": 999999, "run_b": 1}))

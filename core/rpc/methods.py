@@ -17,6 +17,7 @@ from ...storage.schema import RUN_STATUSES
 from ..compare import compare_runs
 from ..errors import InvalidParamsError
 from ..models import DEFAULT_MODEL
+from ..steering import SteeringRequest, steer
 from . import errors as codes
 from . import results
 from .errors import ModelBusyError, RunFailedError, RunNotFinishedError
@@ -96,6 +97,10 @@ class FindingsParams(_Params):
     order: Literal["desc", "asc"] = Field("desc", description="Highest scores first, or lowest.")
     limit: int = Field(20, ge=1, le=1000, description="Heads per page.")
     offset: int = Field(0, ge=0, description="Heads to skip.")
+
+
+class SteerParams(SteeringRequest):
+    model: str = Field(DEFAULT_MODEL, description="Model name (see models.list).")
 
 
 # ----------------------------------------------------------------------------------
@@ -251,6 +256,15 @@ def findings_query(service: Service, params: FindingsParams) -> dict[str, Any]:
     }
 
 
+def generate_steer(service: Service, params: SteerParams) -> dict[str, Any]:
+    from ..analysis import FindingsReader
+
+    name = service.registry.models.resolve(params.model).name
+    handle = service.workers.load(name)
+    request = SteeringRequest.model_validate(params.model_dump(exclude={"model"}))
+    return steer(handle, request, FindingsReader(service.store)).as_dict()
+
+
 def rpc_discover(service: Service, _: NoParams) -> dict[str, Any]:
     from .openrpc import openrpc_document
 
@@ -403,6 +417,18 @@ METHODS: tuple[RpcMethod, ...] = (
         "Only succeeded runs contribute. Ties are ordered by run, layer and head, so "
         "pages are stable.",
         errors=_RESULTS,
+    ),
+    RpcMethod(
+        "generate.steer",
+        SteerParams,
+        generate_steer,
+        results.SteeredGeneration,
+        "Generate for a prompt with and without attention steering towards marked spans.",
+        "Answers when both continuations are done (seconds on a small model; it waits "
+        "for the model while a run on it holds the model). Heads: an explicit list, "
+        "all heads of min_layer..max_layer (the default), or the top heads of an "
+        "earlier run (from_run).",
+        errors=(*_MODEL, codes.RUN_NOT_FOUND),
     ),
     RpcMethod(
         "rpc.discover",

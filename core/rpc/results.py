@@ -181,3 +181,13 @@ class Comparison(BaseModel):
     overlap_coefficient: float
     shared_heads: list[list[int]]
     bands: list[BandOverlap]
+
+
+class SteeredGeneration(BaseModel):
+    prompt: str
+    context_positions: list[int] = Field(description="Token positions of the marked spans.")
+    baseline: str = Field(description="Continuation without steering.")
+    steered: str = Field(description="Continuation with steering.")
+    baseline_tokens: list[int]
+    steered_tokens: list[int]
+    modulation: dict[str, Any] = Field(description="Form, strength and the steered heads.")
