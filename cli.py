@@ -266,16 +266,24 @@ def _print_run(store, registry, run_id: int, top: int | None, metric: str | None
     ranked = sorted(pivot.items(), key=lambda item: -item[1].get(sort_by, float("-inf")))
     shown = ranked if top is None else ranked[:top]
     title = f"heads by {sort_by}" + ("" if top is None else f" (top {len(shown)} of {len(ranked)})")
+    # metrics indexed otherwise (e.g. per KV head) are not columns of this table
+    counts = {n: sum(n in values for _, values in ranked) for n in metric_names}
+    columns = [n for n in metric_names if counts[n] == counts[sort_by]]
     table = Table(title=title)
     table.add_column("layer", justify="right")
     table.add_column("head", justify="right")
-    for name in metric_names:
+    for name in columns:
         table.add_column(name, justify="right")
     for (layer, head), values in shown:
         table.add_row(
-            str(layer), str(head), *[f"{values.get(n, float('nan')):.4f}" for n in metric_names]
+            str(layer), str(head), *[f"{values.get(n, float('nan')):.4f}" for n in columns]
         )
     console.print(table)
+    others = [f"{n} ({counts[n]} rows)" for n in metric_names if n not in columns]
+    if others:
+        console.print(
+            f"also stored: {', '.join(others)}; see runs export or --metric", highlight=False
+        )
     artifacts = store.artifacts(run_id)
     if artifacts:
         console.print("artifacts: " + ", ".join(a["path"] for a in artifacts), highlight=False)

@@ -152,7 +152,7 @@ class RetrievalParams(BaseModel):
         [0, 5, 10, 20], description="K values for the masking check ([] skips it)."
     )
     mask_lengths: list[int] | None = Field(
-        [1000], description="Lengths used for the masking check (None: all)."
+        [500], description="Lengths used for the masking check (None: all)."
     )
     random_draws: int = Field(2, ge=1, le=50, description="Random head sets per test and K.")
     scores_from: int | None = Field(None, description="Reuse retrieval scores from this run id.")
