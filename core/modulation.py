@@ -141,6 +141,19 @@ def prompt_sinks(
     return sinks
 
 
+def layer_range(handle: ModelHandle, min_layer: int, max_layer: int | None) -> list[int]:
+    """Layers min_layer..max_layer (default: the last), checked against the model."""
+    top = handle.n_layers - 1
+    last = top if max_layer is None else max_layer
+    if not 0 <= min_layer <= top:
+        raise InvalidParamsError(f"min_layer {min_layer} out of range 0..{top}")
+    if not 0 <= last <= top:
+        raise InvalidParamsError(f"max_layer {last} out of range 0..{top}")
+    if min_layer > last:
+        raise InvalidParamsError(f"min_layer {min_layer} is above max_layer {last}")
+    return list(range(min_layer, last + 1))
+
+
 def layer_heads(handle: ModelHandle, layers: Sequence[int] | None = None) -> T.HeadMap:
     """Every head of `layers` (default: all layers)."""
     chosen = range(handle.n_layers) if layers is None else layers

@@ -16,7 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import InvalidParamsError, validation_error
 from .models import ModelHandle
-from .modulation import ALPHA_RANGE, Modulation, generate_marked, layer_heads, select_heads
+from .modulation import (
+    ALPHA_RANGE,
+    Modulation,
+    generate_marked,
+    layer_heads,
+    layer_range,
+    select_heads,
+)
 from .spans import CharSpan, MarkedPrompt, Span, TokenSet, TokenSpan, find_text, mark
 from .tracing import HeadMap, head_map
 
@@ -108,12 +115,7 @@ class SteeredGeneration:
 
 def resolve_heads(handle: ModelHandle, request: SteeringRequest, findings: Any = None) -> HeadMap:
     """The request's heads: explicit, all of the layer range, or from an earlier run."""
-    last = request.max_layer if request.max_layer is not None else handle.n_layers - 1
-    if not 0 <= request.min_layer <= last < handle.n_layers:
-        raise InvalidParamsError(
-            f"layer range {request.min_layer}..{last} is outside 0..{handle.n_layers - 1}"
-        )
-    layers = list(range(request.min_layer, last + 1))
+    layers = layer_range(handle, request.min_layer, request.max_layer)
     if request.from_run is not None:
         if findings is None:
             raise InvalidParamsError("from_run needs access to the findings store")

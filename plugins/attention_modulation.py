@@ -19,10 +19,15 @@ from pydantic import Field, model_validator
 
 from headscope.core.analysis import Analysis, Finding, RunContext
 from headscope.core.context_sensitivity import METRICS, context_sensitivity
-from headscope.core.errors import InvalidParamsError
 from headscope.core.faithfulness import Evaluation, evaluate, perplexity
 from headscope.core.hookspecs import hookimpl
-from headscope.core.modulation import ALPHA_RANGE, Modulation, layer_heads, select_heads
+from headscope.core.modulation import (
+    ALPHA_RANGE,
+    Modulation,
+    layer_heads,
+    layer_range,
+    select_heads,
+)
 from headscope.core.tracing import HeadMap, check_heads, head_map
 
 from .context_heads import DatasetParams, calibration_split
@@ -106,14 +111,7 @@ class AttentionModulation(Analysis):
 
     @classmethod
     def check(cls, params: ModulationParams, handle) -> None:
-        if params.min_layer >= handle.n_layers:
-            raise InvalidParamsError(
-                f"min_layer {params.min_layer} out of range 0..{handle.n_layers - 1}"
-            )
-        if params.max_layer is not None and params.max_layer >= handle.n_layers:
-            raise InvalidParamsError(
-                f"max_layer {params.max_layer} out of range 0..{handle.n_layers - 1}"
-            )
+        layer_range(handle, params.min_layer, params.max_layer)
         if params.heads:
             check_heads(handle, head_map(params.heads))
         calibration, held_out = calibration_split(params, 0)
@@ -125,8 +123,7 @@ class AttentionModulation(Analysis):
     def run(self, ctx: RunContext, params: ModulationParams) -> Finding:
         handle = ctx.model
         calibration, held_out = calibration_split(params, ctx.seed)
-        last = params.max_layer if params.max_layer is not None else handle.n_layers - 1
-        layers = list(range(params.min_layer, last + 1))
+        layers = layer_range(handle, params.min_layer, params.max_layer)
         finding = Finding()
         scores = self._scores(ctx, params, calibration)
         heads = self._select(params, scores, layers, handle)

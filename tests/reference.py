@@ -205,3 +205,32 @@ def greedy(model, input_ids, steps, attention_mask=None, **kwargs):
             **kwargs,
         )
     return out
+
+
+def local_and_remote(handle, primitive: Callable, *args, **kwargs) -> tuple:
+    """`primitive(handle, *args, **kwargs)` run locally, then again through nnsight's
+    remote="local" path (the trace serialised and executed as a remote server would)."""
+    local = primitive(handle, *args, **kwargs)
+    handle.remote = "local"
+    try:
+        return local, primitive(handle, *args, **kwargs)
+    finally:
+        handle.remote = False
+
+
+def assert_rows_match_eager(handle, text: str, layers: list[int], positions: list[int]) -> None:
+    """AttentionRows on a real model equal the eager attention maps of transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from headscope.core import tracing as T
+
+    batch = T.make_batch(handle, [text])
+    ours = T.forward(handle, batch, [T.AttentionRows(layers, positions, output="probs")])
+    eager = AutoModelForCausalLM.from_pretrained(handle.cache_path, attn_implementation="eager")
+    with torch.no_grad():
+        ref = eager(**batch.model_inputs(), output_attentions=True).attentions
+    cols = batch.absolute(positions)[0]
+    for layer in layers:
+        torch.testing.assert_close(
+            ours.get("rows", layer)[0], ref[layer][0][:, cols], atol=1e-4, rtol=0
+        )

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from headscope.core import tracing as T
 from headscope.core.models import load_model
+
+from reference import assert_rows_match_eager
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("HEADSCOPE_TEST_GEMMA3") != "1", reason="set HEADSCOPE_TEST_GEMMA3=1 to run"
@@ -38,18 +39,6 @@ def test_gemma3_structure_and_ioi_answer(gemma3):
 
 
 def test_gemma3_rows_match_eager_beyond_the_sliding_window(gemma3):
-    from transformers import AutoModelForCausalLM
-
     text = " ".join(["The capital of France is Paris."] * 100) + " The capital of Italy is"
-    batch = T.make_batch(gemma3, [text])
-    assert batch.width > 512  # longer than the sliding window
-    layers = list(range(gemma3.n_layers))
-    ours = T.forward(gemma3, batch, [T.AttentionRows(layers, [-1, 7], output="probs")])
-    eager = AutoModelForCausalLM.from_pretrained(gemma3.cache_path, attn_implementation="eager")
-    with torch.no_grad():
-        ref = eager(**batch.model_inputs(), output_attentions=True).attentions
-    cols = batch.absolute([-1, 7])[0]
-    for layer in layers:
-        torch.testing.assert_close(
-            ours.get("rows", layer)[0], ref[layer][0][:, cols], atol=1e-4, rtol=0
-        )
+    assert T.make_batch(gemma3, [text]).width > 512  # longer than the sliding window
+    assert_rows_match_eager(gemma3, text, list(range(gemma3.n_layers)), [-1, 7])

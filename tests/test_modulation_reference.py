@@ -19,7 +19,7 @@ from headscope.core.modulation import Modulation, find_sinks, generate_marked, p
 from headscope.core.spans import CharSpan, TokenSet, mark
 
 from conftest import tiny_handle
-from reference import BIAS_SPEC, FAMILIES, biased_model, eager_model, greedy
+from reference import BIAS_SPEC, FAMILIES, biased_model, eager_model, greedy, local_and_remote
 
 PROMPT = "Context: the door code is 4821. Question: what is the code? Answer:"
 CONTEXT = "the door code is 4821."
@@ -244,12 +244,7 @@ def test_modulation_items_serialise_for_remote_runs():
     ]
     for modulation in settings:
         items = [*modulation.items(handle, batch, marked), T.AttentionReceived([2])]
-        local = T.forward(handle, batch, items)
-        handle.remote = "local"
-        try:
-            remote = T.forward(handle, batch, items)
-        finally:
-            handle.remote = False
+        local, remote = local_and_remote(handle, T.forward, batch, items)
         torch.testing.assert_close(local.logits, remote.logits, atol=1e-6, rtol=0)
         torch.testing.assert_close(
             local.get("received", 2), remote.get("received", 2), atol=1e-6, rtol=0

@@ -7,6 +7,8 @@ import pytest
 from headscope.core import tracing as T
 from headscope.core.models import load_model
 
+from reference import assert_rows_match_eager
+
 pytestmark = pytest.mark.real_model
 
 
@@ -35,20 +37,8 @@ def test_second_load_comes_from_the_cache_quickly(smollm2):
 
 
 def test_attention_rows_on_the_real_model_match_eager(smollm2):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    batch = T.make_batch(smollm2, ["The capital of France is Paris. The capital of Italy is"])
-    layers = [0, 14, 29]
-    ours = T.forward(smollm2, batch, [T.AttentionRows(layers, [-1, 3], output="probs")])
-    eager = AutoModelForCausalLM.from_pretrained(smollm2.cache_path, attn_implementation="eager")
-    with torch.no_grad():
-        ref = eager(**batch.model_inputs(), output_attentions=True).attentions
-    cols = batch.absolute([-1, 3])[0]
-    for layer in layers:
-        torch.testing.assert_close(
-            ours.get("rows", layer)[0], ref[layer][0][:, cols], atol=1e-4, rtol=0
-        )
+    text = "The capital of France is Paris. The capital of Italy is"
+    assert_rows_match_eager(smollm2, text, [0, 14, 29], [-1, 3])
 
 
 def test_head_detector_on_smollm2_stores_all_270_heads(capsys, tmp_path):

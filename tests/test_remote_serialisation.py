@@ -13,6 +13,7 @@ import torch
 from headscope.core import tracing as T
 
 from conftest import tiny_handle
+from reference import local_and_remote
 
 PROMPTS = ["Remote execution check, one.", "And two"]
 
@@ -49,12 +50,7 @@ def test_forward_primitives_serialise(family):
     handle = tiny_handle(family)
     batch = T.make_batch(handle, PROMPTS)
     for name, items in _items(handle, batch).items():
-        local = T.forward(handle, batch, items)
-        handle.remote = "local"
-        try:
-            remote = T.forward(handle, batch, items)
-        finally:
-            handle.remote = False
+        local, remote = local_and_remote(handle, T.forward, batch, items)
         _same(local.logits, remote.logits)
         _same(local.records, remote.records), name
 
@@ -68,12 +64,7 @@ def test_generation_primitives_serialise(family):
         T.AttentionBias(T.head_map({1: [0]}), [0, 2], 1.5),
         T.AttentionRows([1, 2], [-1], output="argmax"),
     ]
-    local = T.generate(handle, batch, 4, items, stop_ids=[])
-    handle.remote = "local"
-    try:
-        remote = T.generate(handle, batch, 4, items, stop_ids=[])
-    finally:
-        handle.remote = False
+    local, remote = local_and_remote(handle, T.generate, batch, 4, items, stop_ids=[])
     assert local.tokens == remote.tokens
     for a, b in zip(local.steps, remote.steps, strict=True):
         _same(a, b)

@@ -201,32 +201,13 @@ def test_empty_needles_file_is_rejected(capsys, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"needle": "x", "question": "q?", "answer": "y"}\n')
     db = str(tmp_path / "r.db")
-    result = run_cli(
-        capsys,
-        "run",
-        "retrieval-heads",
-        "-m",
-        "tiny-llama",
-        "-p",
-        f"needles_file={empty}",
-        "--db",
-        db,
-    )
-    assert result.code == 1 and "holds no needles" in result.err
-    result = run_cli(
-        capsys,
-        "run",
-        "retrieval-heads",
-        "-m",
-        "tiny-llama",
-        "-p",
-        f"needles_file={bad}",
-        "--db",
-        db,
-    )
-    assert (
-        result.code == 1 and f"{bad} line 1: the answer 'y' is not part of the needle" in result.err
-    )
+    for needles, message in [
+        (empty, "holds no needles"),
+        (bad, f"{bad} line 1: the answer 'y' is not part of the needle"),
+    ]:
+        args = ["run", "retrieval-heads", "-m", "tiny-llama", "-p", f"needles_file={needles}"]
+        result = run_cli(capsys, *args, "--db", db)
+        assert result.code == 1 and message in result.err
     assert run_cli(capsys, "runs", "list", "-f", "json", "--db", db).json()["total"] == 0
 
 
