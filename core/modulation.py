@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from . import compare
 from . import tracing as T
 from .errors import InvalidParamsError
 from .models import ModelHandle
@@ -167,18 +168,15 @@ def select_heads(
     layers: Sequence[int] | None = None,
 ) -> T.HeadMap:
     """Heads by score within `layers`: the `top_k` best, or those above `threshold`."""
-    allowed = set(layers) if layers is not None else None
-    pool = {h: s for h, s in scores.items() if allowed is None or h[0] in allowed}
     if (top_k is None) == (threshold is None):
         raise InvalidParamsError("select heads by top_k or by threshold (exactly one)")
-    if top_k is not None:
-        ranked = sorted(pool.items(), key=lambda item: (-item[1], item[0]))
-        chosen = [head for head, _ in ranked[:top_k]]
-    else:
-        chosen = [head for head, score in pool.items() if score > threshold]
+    allowed = set(layers) if layers is not None else None
+    pool = {h: s for h, s in scores.items() if allowed is None or h[0] in allowed}
+    rule, value = ("top", top_k) if top_k is not None else ("threshold", threshold)
+    chosen = compare.select_heads(pool, rule, value)
     if not chosen:
         raise InvalidParamsError("the head selection is empty")
-    return T.head_map(chosen)
+    return T.head_map(sorted(chosen))
 
 
 def generate_marked(
