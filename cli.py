@@ -183,6 +183,14 @@ def run_command(
 # ----------------------------------------------------------------------------------
 # runs
 # ----------------------------------------------------------------------------------
+def _table(title: str, columns) -> Table:
+    """A rich table with these column headings."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
 def _status_style(status: str) -> str:
     return {"succeeded": "green", "failed": "red", "running": "yellow", "cancelled": "magenta"}.get(
         status, "white"
@@ -211,9 +219,7 @@ def runs_list(
             }
         )
         return
-    table = Table(title="runs")
-    for column in ("id", "analysis", "model", "status", "seed", "duration (s)", "created"):
-        table.add_column(column)
+    table = _table("runs", ("id", "analysis", "model", "status", "seed", "duration (s)", "created"))
     for run in runs:
         duration = f"{run.duration_seconds:.1f}" if run.duration_seconds is not None else ""
         created = run.created_at.strftime("%Y-%m-%d %H:%M") if run.created_at else ""
@@ -379,9 +385,9 @@ def runs_compare(
         f"shared {result['intersection']}  jaccard {result['jaccard']:.3f}  "
         f"overlap coefficient {result['overlap_coefficient']:.3f}"
     )
-    table = Table(title="by layer band")
-    for column in ("band", "layers", "A", "B", "shared", "jaccard", "overlap coef."):
-        table.add_column(column)
+    table = _table(
+        "by layer band", ("band", "layers", "A", "B", "shared", "jaccard", "overlap coef.")
+    )
     for band in result["bands"]:
         table.add_row(
             band["band"],
@@ -501,9 +507,7 @@ def plugins_command(format: str = FormatOption()) -> None:
     if format == "json":
         _emit_json([i.as_dict() for i in infos])
         return
-    table = Table(title="plugins")
-    for column in ("name", "version", "hooks", "provides", "status"):
-        table.add_column(column)
+    table = _table("plugins", ("name", "version", "hooks", "provides", "status"))
     for info in infos:
         provides = ", ".join(info.analyses + info.models + info.tasks)
         name = info.name + (" (built-in)" if info.builtin else "")
@@ -534,9 +538,7 @@ def analyses_list(format: str = FormatOption()) -> None:
     if format == "json":
         _emit_json(rows)
         return
-    table = Table(title="analyses")
-    for column in ("name", "version", "plugin", "summary"):
-        table.add_column(column)
+    table = _table("analyses", ("name", "version", "plugin", "summary"))
     for row in rows:
         table.add_row(row["name"], row["version"], row["plugin"] or "", row["summary"])
     console.print(table)
@@ -556,9 +558,7 @@ def analyses_describe(
         _emit_json(description)
         return
     console.print(f"[bold]{cls.name}[/] v{cls.version}: {cls.summary}")
-    table = Table(title="params")
-    for column in ("name", "type", "default", "description"):
-        table.add_column(column)
+    table = _table("params", ("name", "type", "default", "description"))
     for field_name, field in cls.Params.model_fields.items():
         annotation = getattr(field.annotation, "__name__", str(field.annotation))
         table.add_row(
@@ -588,9 +588,7 @@ def tasks_list(format: str = FormatOption()) -> None:
     if format == "json":
         _emit_json(rows)
         return
-    table = Table(title="tasks")
-    for column in ("name", "plugin", "metric", "description"):
-        table.add_column(column)
+    table = _table("tasks", ("name", "plugin", "metric", "description"))
     for row in rows:
         table.add_row(row["name"], row["plugin"] or "", row["metric"], row["description"])
     console.print(table)
@@ -624,9 +622,10 @@ def tasks_show(
         return
     console.print(f"[bold]{report['name']}[/]: {report['description']}", highlight=False)
     console.print(f"metric: {report['metric']} ({report['metric_description']})", highlight=False)
-    table = Table(title=f"examples on {handle.name}")
-    for column in ("prompt", "answer", "distractor", "corrupted", "metric", "corrupted metric"):
-        table.add_column(column)
+    table = _table(
+        f"examples on {handle.name}",
+        ("prompt", "answer", "distractor", "corrupted", "metric", "corrupted metric"),
+    )
     for row in report["examples"]:
         table.add_row(
             row["prompt"],
@@ -677,9 +676,7 @@ def models_list(format: str = FormatOption()) -> None:
     if format == "json":
         _emit_json(rows)
         return
-    table = Table(title="models")
-    for column in ("name", "ready", "source", "description"):
-        table.add_column(column)
+    table = _table("models", ("name", "ready", "source", "description"))
     for row in rows:
         table.add_row(
             row["name"], "yes" if row["ready"] else "no", row["source"], row["description"]
