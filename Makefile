@@ -23,6 +23,7 @@ demo: setup
 	$(BIN)/headscope run retrieval-heads --model smollm2-135m --plot out/retrieval-heads.png
 
 test: setup
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest
 
 lint: setup
@@ -33,4 +34,4 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
 docs: setup
-	$(BIN)/typer headscope.cli utils docs --name headscope --title "headscope CLI reference" --output docs/cli.md
+	$(BIN)/typer --app full_app headscope.cli utils docs --name headscope --title "headscope CLI reference" --output docs/cli.md

@@ -1,5 +1,9 @@
 """headscope command line: thin wrappers that parse, call the engine and print.
 
+This is where the parts meet: each invocation builds the plugin registry and, when
+a command needs it, the findings store, and passes them down (`CommandKit`).
+Plugin families add their own commands through `register_commands(app, kit)`.
+
 Every command has a `--format json` form for tools. User errors print one line on
 stderr and exit 1; there are no tracebacks for bad input.
 """
@@ -19,12 +23,14 @@ from rich.table import Table
 
 from .core.errors import HeadscopeError, InvalidParamsError
 
-app = typer.Typer(
+APP_SETTINGS: dict[str, Any] = dict(
     help="Find, score and steer attention heads in transformer language models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+#: the built-in commands; `build_app` adds the plugins' commands to a copy
+app = typer.Typer(**APP_SETTINGS)
 models_app = typer.Typer(help="List, fetch and inspect models.", no_args_is_help=True)
 runs_app = typer.Typer(help="Inspect, export and compare stored runs.", no_args_is_help=True)
 db_app = typer.Typer(help="Where findings are stored, and schema upgrades.", no_args_is_help=True)
@@ -62,14 +68,6 @@ def _check_format(value: str, allowed: tuple[str, ...]) -> None:
         raise InvalidParamsError(f"unknown format {value!r}; choose {' or '.join(allowed)}")
 
 
-def _store(db: str | None):
-    from .storage.store import Store
-
-    store = Store(db)
-    store.mark_interrupted(only_dead_owners=True)
-    return store
-
-
 @contextmanager
 def progress_bar(enabled: bool = True):
     """A rich progress display on stderr; yields `update(stage, done, total)`."""
@@ -91,6 +89,93 @@ def progress_bar(enabled: bool = True):
             bar.update(tasks[stage], completed=done, total=total)
 
         yield update
+
+
+def ModelOption():  # noqa: N802
+    return typer.Option(
+        "smollm2-135m", "--model", "-m", help="Model name, directory, .gguf or hub id."
+    )
+
+
+class CommandKit:
+    """What every command works with, built once per invocation: the plugin
+    registry, the store, model loading with a progress bar, and output helpers.
+    Plugin commands receive it as `kit` in `register_commands(app, kit)`."""
+
+    console = console
+    err_console = err_console
+    format_option = staticmethod(FormatOption)
+    db_option = staticmethod(DbOption)
+    model_option = staticmethod(ModelOption)
+
+    def __init__(self) -> None:
+        self._registry = None
+
+    def reset(self) -> None:
+        """Forget the registry: each invocation sees the plugins installed now."""
+        self._registry = None
+
+    def registry(self):
+        if self._registry is None:
+            from .core.plugins import build_registry
+
+            self._registry = build_registry()
+        return self._registry
+
+    def store(self, db: str | None):
+        """The findings store (`--db`), with runs of dead processes marked interrupted."""
+        from .storage.store import Store
+
+        store = Store(db)
+        store.mark_interrupted(only_dead_owners=True)
+        return store
+
+    def findings(self, db: str | None):
+        """Read access to earlier runs, for commands that build on them."""
+        from .core.analysis import FindingsReader
+
+        return FindingsReader(self.store(db), self.registry())
+
+    def load_model(self, name: str, show_progress: bool = True):
+        from .core.models import load_spec
+
+        with progress_bar(show_progress) as progress:
+            return load_spec(self.registry().models.resolve(name), progress)
+
+    @staticmethod
+    def parse_params(pairs: list[str], params_file: Path | None = None) -> dict[str, Any]:
+        """`--params FILE` then `-p key=value` pairs on top."""
+        params = read_params_file(params_file) if params_file else {}
+        params.update(parse_param_pairs(pairs))
+        return params
+
+    @staticmethod
+    def emit_json(data: Any) -> None:
+        _emit_json(data)
+
+    @staticmethod
+    def check_format(value: str, allowed: tuple[str, ...]) -> None:
+        _check_format(value, allowed)
+
+
+kit = CommandKit()
+
+
+def build_app(commands_kit: CommandKit | None = None) -> typer.Typer:
+    """The built-in commands plus every plugin's (`register_commands`)."""
+    full = typer.Typer(**APP_SETTINGS)
+    full.registered_commands = list(app.registered_commands)
+    full.registered_groups = list(app.registered_groups)
+    commands_kit = commands_kit or kit
+    commands_kit.registry().register_commands(full, commands_kit)
+    return full
+
+
+def __getattr__(name: str) -> Any:
+    """`headscope.cli.full_app`: the app with plugin commands (for `make docs`)."""
+    if name == "full_app":
+        return build_app()
+    raise AttributeError(name)
 
 
 # ----------------------------------------------------------------------------------
@@ -128,9 +213,7 @@ def read_params_file(path: Path) -> dict[str, Any]:
 @app.command("run")
 def run_command(
     analysis: str = typer.Argument(..., help="Analysis name (see `headscope analyses list`)."),
-    model: str = typer.Option(
-        "smollm2-135m", "--model", "-m", help="Model name, directory, .gguf or hub id."
-    ),
+    model: str = ModelOption(),
     params_file: Path | None = typer.Option(None, "--params", help="JSON file of parameters."),
     param: list[str] = typer.Option(
         [], "--param", "-p", help="key=value (JSON values allowed); repeatable."
@@ -145,18 +228,16 @@ def run_command(
     """Run an analysis on a model and store its findings."""
     from .core import jobs
     from .core.models import load_spec
-    from .core.plugins import get_registry
 
     _check_format(format, ("table", "json"))
-    registry = get_registry()
-    params = read_params_file(params_file) if params_file else {}
-    params.update(parse_param_pairs(param))
+    registry = kit.registry()
+    params = kit.parse_params(param, params_file)
     prepared = jobs.prepare(registry, analysis, model, params, seed)
-    store = _store(db)
+    store = kit.store(db)
     show = format != "json"
     with progress_bar(show) as progress:
         handle = load_spec(registry.models.resolve(model), progress)
-        jobs.check_against_model(prepared, handle)
+        jobs.check_against_model(prepared, handle, registry)
         run_id = jobs.record(store, prepared)
         summary = jobs.execute(
             store,
@@ -169,7 +250,7 @@ def run_command(
     if plot is not None and summary.status == "succeeded":
         _write_plot(store, registry, run_id, None, plot)
     if format == "json":
-        from .storage.export import run_document
+        from .core.runs import run_document
 
         _emit_json(run_document(store, run_id))
     else:
@@ -209,7 +290,7 @@ def runs_list(
 ) -> None:
     """List stored runs, newest first."""
     _check_format(format, ("table", "json"))
-    store = _store(db)
+    store = kit.store(db)
     runs = store.list_runs(analysis, model, status, limit, offset)
     if format == "json":
         _emit_json(
@@ -262,8 +343,7 @@ def _print_run(store, registry, run_id: int, top: int | None, metric: str | None
     metric_names = store.head_metrics(run_id)
     if not metric_names:
         return
-    analysis = registry.analyses.get(run.analysis)
-    sort_by = metric or (analysis.primary_metric if analysis else None)
+    sort_by = registry.head_metric(run.analysis, metric, metric_names)
     if sort_by not in metric_names:
         sort_by = metric_names[0]
     pivot: dict[tuple[int, int], dict[str, float]] = {}
@@ -304,15 +384,14 @@ def runs_show(
     db: str | None = DbOption(),
 ) -> None:
     """Show a run: params, status, metrics and its heads."""
-    from .core.plugins import get_registry
-    from .storage.export import run_document
+    from .core.runs import run_document
 
     _check_format(format, ("table", "json"))
-    store = _store(db)
+    store = kit.store(db)
     if format == "json":
         _emit_json(run_document(store, run_id))
         return
-    _print_run(store, get_registry(), run_id, top=None if top == 0 else top, metric=metric)
+    _print_run(store, kit.registry(), run_id, top=None if top == 0 else top, metric=metric)
 
 
 @runs_app.command("export")
@@ -325,10 +404,11 @@ def runs_export(
     db: str | None = DbOption(),
 ) -> None:
     """Export a run's findings as CSV or JSON."""
-    from .storage.export import head_scores_csv, run_document
+    from .core.runs import run_document
+    from .storage.export import head_scores_csv
 
     _check_format(format, ("csv", "json"))
-    store = _store(db)
+    store = kit.store(db)
     text = (
         head_scores_csv(store, run_id)
         if format == "csv"
@@ -358,7 +438,6 @@ def runs_compare(
 ) -> None:
     """Overlap of two runs' head sets: Jaccard and overlap coefficient, by layer band."""
     from .core.compare import compare_runs
-    from .core.plugins import get_registry
 
     _check_format(format, ("table", "json"))
     if top_k is not None and threshold is not None:
@@ -371,7 +450,7 @@ def runs_compare(
         else (None, None)
     )
     result = compare_runs(
-        _store(db), get_registry(), run_a, run_b, metric, metric, rule, value, bands
+        kit.store(db), kit.registry(), run_a, run_b, metric, metric, rule, value, bands
     )
     if format == "json":
         _emit_json(result)
@@ -411,7 +490,7 @@ def runs_cancel(
 ) -> None:
     """Ask a queued or running run to stop (at its next progress point)."""
     _check_format(format, ("table", "json"))
-    status = _store(db).request_cancel(run_id)
+    status = kit.store(db).request_cancel(run_id)
     if format == "json":
         _emit_json({"run_id": run_id, "status": status})
     else:
@@ -430,8 +509,7 @@ def _write_plot(store, registry, run_id: int, metric: str | None, output: Path) 
         raise InvalidParamsError(
             f"run {run_id} ({run.analysis}, {run.status}) has no per-head scores to plot"
         )
-    analysis = registry.analyses.get(run.analysis)
-    chosen = metric or (analysis.primary_metric if analysis else None) or available[0]
+    chosen = registry.head_metric(run.analysis, metric, available)
     if chosen not in available:
         raise InvalidParamsError(
             f"run {run_id} has no head metric {chosen!r}; it has: {', '.join(available)}"
@@ -456,10 +534,9 @@ def plot_command(
     db: str | None = DbOption(),
 ) -> None:
     """Write a layer x head heatmap of one of a run's head metrics."""
-    from .core.plugins import get_registry
 
     _check_format(format, ("table", "json"))
-    chosen = _write_plot(_store(db), get_registry(), run_id, metric, output)
+    chosen = _write_plot(kit.store(db), kit.registry(), run_id, metric, output)
     if format == "json":
         _emit_json({"run_id": run_id, "metric": chosen, "path": str(output)})
     else:
@@ -500,10 +577,9 @@ def db_upgrade(format: str = FormatOption(), db: str | None = DbOption()) -> Non
 @app.command("plugins")
 def plugins_command(format: str = FormatOption()) -> None:
     """List plugins: version, hooks, what they provide, and load errors."""
-    from .core.plugins import get_registry
 
     _check_format(format, ("table", "json"))
-    infos = get_registry().plugins
+    infos = kit.registry().plugins
     if format == "json":
         _emit_json([i.as_dict() for i in infos])
         return
@@ -522,10 +598,9 @@ def plugins_command(format: str = FormatOption()) -> None:
 @analyses_app.command("list")
 def analyses_list(format: str = FormatOption()) -> None:
     """List installed analyses."""
-    from .core.plugins import get_registry
 
     _check_format(format, ("table", "json"))
-    registry = get_registry()
+    registry = kit.registry()
     rows = [
         {
             "name": name,
@@ -549,10 +624,9 @@ def analyses_describe(
     name: str = typer.Argument(..., help="Analysis name."), format: str = FormatOption()
 ) -> None:
     """Show an analysis's parameters with defaults and descriptions."""
-    from .core.plugins import get_registry
 
     _check_format(format, ("table", "json"))
-    cls = get_registry().analysis(name)
+    cls = kit.registry().analysis(name)
     description = cls.describe()
     if format == "json":
         _emit_json(description)
@@ -576,10 +650,9 @@ def analyses_describe(
 @tasks_app.command("list")
 def tasks_list(format: str = FormatOption()) -> None:
     """List installed tasks (a task file is named jsonl:PATH)."""
-    from .core.plugins import get_registry
 
     _check_format(format, ("table", "json"))
-    registry = get_registry()
+    registry = kit.registry()
     owners = {name: info.name for info in registry.plugins for name in info.tasks}
     rows = [
         {**task.describe(), "plugin": owners.get(name)}
@@ -598,24 +671,18 @@ def tasks_list(format: str = FormatOption()) -> None:
 @tasks_app.command("show")
 def tasks_show(
     name: str = typer.Argument(..., help="Task name or jsonl:PATH."),
-    model: str = typer.Option(
-        "smollm2-135m", "--model", "-m", help="Model name, directory, .gguf or hub id."
-    ),
+    model: str = ModelOption(),
     n: int = typer.Option(32, "--n", min=1, help="Examples to build and score."),
     examples: int = typer.Option(5, "--examples", min=0, help="Examples to print."),
     seed: int = typer.Option(0, "--seed", help="Seed for building examples."),
     format: str = FormatOption(),
 ) -> None:
     """Show a task's examples and the model's accuracy on them."""
-    from .core.models import load_spec
-    from .core.plugins import get_registry
-    from .core.tasks import resolve_task, task_report
+    from .core.tasks import task_report
 
     _check_format(format, ("table", "json"))
-    registry = get_registry()
-    task = resolve_task(registry, name)
-    with progress_bar(format != "json") as progress:
-        handle = load_spec(registry.models.resolve(model), progress)
+    task = kit.registry().task(name)
+    handle = kit.load_model(model, show_progress=format != "json")
     report = task_report(handle, task, n, seed, examples)
     if format == "json":
         _emit_json(report)
@@ -656,11 +723,9 @@ def _short(tokens: list[str]) -> str:
 @models_app.command("list")
 def models_list(format: str = FormatOption()) -> None:
     """List registered models and whether each is ready to load offline."""
-    from .core.models import default_registry
-
     _check_format(format, ("table", "json"))
     rows = []
-    for spec in default_registry().specs():
+    for spec in kit.registry().models.specs():
         source = spec.source
         cache = source.cache_path()
         rows.append(
@@ -693,10 +758,8 @@ def models_pull(
     format: str = FormatOption(),
 ) -> None:
     """Fetch a model's weights and build its safetensors cache (once)."""
-    from .core.models import default_registry
-
     _check_format(format, ("table", "json"))
-    spec = default_registry().resolve(name)
+    spec = kit.registry().models.resolve(name)
     with progress_bar(format != "json") as progress:
         materialised = spec.source.materialise(progress)
     result = {
@@ -718,11 +781,8 @@ def models_info(
     format: str = FormatOption(),
 ) -> None:
     """Load a model and print its structure, size, source and load time."""
-    from .core.models import load_model
-
     _check_format(format, ("table", "json"))
-    with progress_bar(format != "json") as progress:
-        handle = load_model(name, progress=progress)
+    handle = kit.load_model(name, show_progress=format != "json")
     info = handle.info()
     if format == "json":
         _emit_json(info)
@@ -816,157 +876,32 @@ def serve_command(
         else:
             err_console.print("headscope JSON-RPC stopped")
 
+    def open_service():
+        from .core.rpc.service import Service
+        from .storage.store import Store
+
+        threads = torch_threads or serve.default_torch_threads()
+        return Service.open(Store(db), kit.registry(), threads)
+
     if stdio:
-        serve.serve_stdin(db, announce, max_request_bytes, shutdown_timeout, torch_threads)
+        serve.serve_stdin(open_service, announce, max_request_bytes, shutdown_timeout)
     else:
         serve.serve_http(
-            db,
+            open_service,
             announce,
             host,
             port,
             token or None,
             max_request_bytes,
             shutdown_timeout,
-            torch_threads,
         )
-
-
-# ----------------------------------------------------------------------------------
-# steer
-# ----------------------------------------------------------------------------------
-def parse_head_list(text: str) -> list[tuple[int, int]] | str:
-    """`all` or `LAYER.HEAD,LAYER.HEAD` (e.g. `17.3,18.6`)."""
-    if text.strip() == "all":
-        return "all"
-    heads = []
-    for part in text.split(","):
-        layer, dot, head = part.strip().partition(".")
-        if not dot or not layer.isdigit() or not head.isdigit():
-            raise InvalidParamsError(f"--heads {text!r}: write all or LAYER.HEAD,LAYER.HEAD")
-        heads.append((int(layer), int(head)))
-    return heads
-
-
-@app.command("steer")
-def steer_command(
-    prompt: str | None = typer.Argument(None, help="Prompt text (or --prompt-file)."),
-    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Read the prompt here."),
-    context: list[str] = typer.Option(
-        [], "--context", "-c", help="Mark this text of the prompt as context; repeatable."
-    ),
-    span: list[str] = typer.Option(
-        [], "--span", help="Mark characters START:END as context; repeatable."
-    ),
-    token_span: list[str] = typer.Option(
-        [], "--token-span", help="Mark token positions START:END as context; repeatable."
-    ),
-    positions: str | None = typer.Option(
-        None, "--positions", help="Mark these token positions (comma-separated)."
-    ),
-    heads: str | None = typer.Option(
-        None, "--heads", help="all (default) or LAYER.HEAD,LAYER.HEAD to steer."
-    ),
-    from_run: int | None = typer.Option(
-        None, "--from-run", help="Steer the top heads of this run (e.g. context-heads)."
-    ),
-    metric: str | None = typer.Option(None, help="Head metric of --from-run."),
-    top_k: int | None = typer.Option(None, "--top-k", help="Heads from --from-run (20)."),
-    threshold: float | None = typer.Option(None, help="Or: --from-run heads above this."),
-    min_layer: int = typer.Option(2, "--min-layer", help="First layer that may be steered."),
-    max_layer: int | None = typer.Option(None, "--max-layer", help="Last layer (default: last)."),
-    alpha: float = typer.Option(0.5, help="PAINT strength: context logits z += alpha * |z|."),
-    form: str = typer.Option("paint", help="paint (amplify context) or pasta (damp the rest)."),
-    pasta_coefficient: float = typer.Option(
-        0.01, "--pasta-coefficient", help="PASTA: scale of non-context attention."
-    ),
-    sink_beta: float | None = typer.Option(
-        None, "--sink-beta", help="ACT sink calibration: scale sink attention by this."
-    ),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
-    stop_at_newline: bool = typer.Option(
-        False, "--stop-at-newline", help="Stop each continuation at its first newline."
-    ),
-    model: str = typer.Option(
-        "smollm2-135m", "--model", "-m", help="Model name, directory, .gguf or hub id."
-    ),
-    format: str = FormatOption(),
-    db: str | None = DbOption(),
-) -> None:
-    """Generate with and without attention steering towards a marked context, side by side."""
-    from .core.analysis import FindingsReader
-    from .core.models import load_model
-    from .core.spans import parse_range
-    from .core.steering import SteeringRequest, steer
-
-    _check_format(format, ("table", "json"))
-    if (prompt is None) == (prompt_file is None):
-        raise InvalidParamsError("give the prompt as an argument or with --prompt-file")
-    if prompt_file is not None:
-        try:
-            prompt = prompt_file.read_text()
-        except OSError as error:
-            raise InvalidParamsError(f"cannot read prompt file {prompt_file}: {error}") from None
-    spans: list[dict[str, Any]] = [{"text": text} for text in context]
-    spans += [{"chars": parse_range(value, "--span")} for value in span]
-    spans += [{"tokens": parse_range(value, "--token-span")} for value in token_span]
-    if positions:
-        try:
-            spans.append({"positions": [int(p) for p in positions.split(",")]})
-        except ValueError:
-            raise InvalidParamsError(
-                f"--positions {positions!r}: comma-separated integers"
-            ) from None
-    if not spans:
-        raise InvalidParamsError("mark the context: --context, --span, --token-span or --positions")
-    request = SteeringRequest.parse(
-        {
-            "prompt": prompt,
-            "spans": spans,
-            "heads": parse_head_list(heads) if heads else None,
-            "from_run": from_run,
-            "metric": metric,
-            "top_k": top_k,
-            "threshold": threshold,
-            "min_layer": min_layer,
-            "max_layer": max_layer,
-            "alpha": alpha,
-            "form": form,
-            "pasta_coefficient": pasta_coefficient,
-            "sink_beta": sink_beta,
-            "max_new_tokens": max_new_tokens,
-            "stop_at_newline": stop_at_newline,
-        }
-    )
-    findings = FindingsReader(_store(db)) if from_run is not None else None
-    with progress_bar(format != "json") as progress:
-        handle = load_model(model, progress=progress)
-    result = steer(handle, request, findings)
-    if format == "json":
-        _emit_json(result.as_dict())
-        return
-    setting = result.modulation
-    strength = (
-        f"alpha {setting['alpha']}"
-        if setting["form"] == "paint"
-        else f"coefficient {setting['pasta_coefficient']}"
-    )
-    console.print(
-        f"context: {len(result.context_positions)} tokens; {setting['form']} {strength} on "
-        f"{len(setting['heads'])} heads"
-        + (f", sink beta {setting['sink_beta']}" if setting["sink_beta"] else ""),
-        highlight=False,
-    )
-    table = Table(show_lines=True)
-    table.add_column("baseline", overflow="fold")
-    table.add_column("steered", overflow="fold")
-    table.add_row(result.baseline, result.steered)
-    console.print(table)
 
 
 def main() -> None:
     """Entry point: user errors print one line and exit 1, never a traceback."""
     try:
-        app()
+        kit.reset()
+        build_app(kit)()
     except HeadscopeError as error:
         err_console.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None

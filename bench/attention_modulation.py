@@ -24,10 +24,10 @@ import time
 import torch
 
 from headscope.core import tracing as T
-from headscope.core.context_data import load_dataset, split
-from headscope.core.context_sensitivity import context_sensitivity
 from headscope.core.models import load_model
-from headscope.core.modulation import Modulation, layer_heads, select_heads
+from headscope.plugins.context.data import load_dataset, split
+from headscope.plugins.context.modulation import Modulation, heads_by_score, layer_heads
+from headscope.plugins.context.sensitivity import context_sensitivity
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         for layer in layers
         for head in range(handle.n_heads)
     }
-    top = select_heads(ranked, top_k=args.top_k, layers=layers)
+    top = heads_by_score(ranked, "top", args.top_k, layers)
     settings = {
         f"paint top-{args.top_k} (default)": Modulation(top, alpha=args.alpha),
         f"pasta top-{args.top_k}": Modulation(top, form="pasta"),

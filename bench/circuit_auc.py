@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from headscope.core.compare import select_heads
-from headscope.core.evaluation import evaluate_ranking
+from headscope.plugins.circuits.evaluation import evaluate_ranking
 from headscope.storage.store import Store
 
 

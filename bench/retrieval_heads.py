@@ -31,7 +31,11 @@ import torch
 def _setup(length: int):
     from headscope.core import tracing as T
     from headscope.core.models import load_model
-    from headscope.plugins.needle_haystack import HaystackBuilder, load_haystack, load_needles
+    from headscope.plugins.retrieval_heads.needles import (
+        HaystackBuilder,
+        load_haystack,
+        load_needles,
+    )
 
     handle = load_model("smollm2-135m")
     builder = HaystackBuilder(handle.tokenizer, load_haystack())
@@ -57,8 +61,8 @@ def _plain_generate(handle, test, n_tokens: int) -> float:
 
 def child(mode: str, length: int) -> None:
     """Score one test in this process and print its peak resident memory."""
-    from headscope.plugins.retrieval_heads import RetrievalHeads
-    from headscope.plugins.retrieval_reference import eager_copy, reference_scores
+    from headscope.plugins.retrieval_heads.analysis import RetrievalHeads
+    from headscope.plugins.retrieval_heads.reference import eager_copy, reference_scores
 
     handle, tests, stops = _setup(length)
     model = eager_copy(handle) if mode == "naive" else None
@@ -107,8 +111,8 @@ def main() -> None:
         child(args.child, args.length)
         return
 
-    from headscope.plugins.retrieval_heads import RetrievalHeads
-    from headscope.plugins.retrieval_reference import eager_copy, reference_scores
+    from headscope.plugins.retrieval_heads.analysis import RetrievalHeads
+    from headscope.plugins.retrieval_heads.reference import eager_copy, reference_scores
 
     # memory first, in child processes started while this one is still small
     peaks = {mode: _child_peak(mode, args.length) for mode in ("ours", "naive")}

@@ -25,12 +25,12 @@ import torch
 
 from headscope.core.analysis import RunContext
 from headscope.core.models import load_model
-from headscope.core.plugins import get_registry
-from headscope.core.sae import train_sae
-from headscope.core.tasks import prepare_task, resolve_task
+from headscope.core.plugins import build_registry
+from headscope.core.tasks import prepare_task
 from headscope.core.tracing import forward
-from headscope.plugins.head_patching import HeadPatching, HeadPatchingParams
-from headscope.plugins.sae_circuit import SaeCircuit, SaeCircuitParams
+from headscope.plugins.circuits.head_patching import HeadPatching, HeadPatchingParams
+from headscope.plugins.circuits.sae import train_sae
+from headscope.plugins.circuits.sae_circuit import SaeCircuit, SaeCircuitParams
 
 
 def main() -> None:
@@ -43,9 +43,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    registry = get_registry()
-    handle = load_model(args.model)
-    task = resolve_task(registry, args.task)
+    registry = build_registry()
+    handle = load_model(args.model, models=registry.models)
+    task = registry.task(args.task)
     pairs = prepare_task(handle, task, args.pairs, np.random.default_rng(args.seed))
     same = prepare_task(handle, task, args.pairs, np.random.default_rng(args.seed))
     assert [p.clean for p in pairs.pairs] == [p.clean for p in same.pairs]

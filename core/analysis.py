@@ -117,11 +117,20 @@ class Finding:
 class FindingsReader:
     """Read access to earlier runs, so one analysis can build on another's heads."""
 
-    def __init__(self, store: Any):
+    def __init__(self, store: Any, registry: Any = None):
         self._store = store
+        self._registry = registry
 
     def run(self, run_id: int):
         return self._store.get_run(run_id)
+
+    def head_metric(self, run_id: int, metric: str | None = None) -> str:
+        """`metric`, or the primary metric of the analysis that made the run."""
+        run = self._store.get_run(run_id)
+        chosen = metric or (self._registry.head_metric(run.analysis) if self._registry else None)
+        if chosen is None:
+            raise InvalidParamsError(f"run {run_id} ({run.analysis}): name the head metric to use")
+        return chosen
 
     def head_scores(self, run_id: int, metric: str) -> dict[tuple[int, int], float]:
         rows = self._store.head_scores(run_id, metric)
@@ -203,6 +212,13 @@ class Analysis:
 
     def run(self, ctx: RunContext, params: BaseModel) -> Finding:
         raise NotImplementedError
+
+    @classmethod
+    def check(cls, params: BaseModel, handle: ModelHandle, registry: Any) -> None:
+        """Checks that need the loaded model (lengths within its positions, layers
+        that exist); raise `InvalidParamsError`. Runs before the run is stored when
+        the model is at hand (the CLI), and when the run starts otherwise (the
+        service). `registry` resolves tasks and models by name."""
 
     @classmethod
     def parse_params(cls, values: Mapping[str, Any] | None) -> BaseModel:

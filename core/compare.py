@@ -6,20 +6,28 @@ checking one method against another (SAE circuit vs patching reference).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from .errors import InvalidParamsError
 
 Head = tuple[int, int]
 
 
-def select_heads(scores: Mapping[Head, float], rule: str, value: float) -> set[Head]:
-    """Heads by rule: ("top", k) the k highest, ("threshold", t) those above t."""
+def select_heads(
+    scores: Mapping[Head, float], rule: str, value: float, layers: Iterable[int] | None = None
+) -> set[Head]:
+    """Heads by rule: ("top", k) the k highest, ("threshold", t) those above t;
+    only heads of `layers` when given. Ties rank by (layer, head)."""
+    if layers is not None:
+        allowed = set(layers)
+        scores = {head: score for head, score in scores.items() if head[0] in allowed}
     if rule == "top":
         ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
         return {head for head, _ in ranked[: int(value)]}
     if rule == "threshold":
         return {head for head, score in scores.items() if score > value}
-    raise ValueError(f"unknown head selection rule {rule!r} (top or threshold)")
+    raise InvalidParamsError(f"unknown head selection rule {rule!r} (top or threshold)")
 
 
 def overlap(a: set[Head], b: set[Head]) -> dict[str, Any]:
@@ -73,8 +81,6 @@ def compare_runs(
     metric) and a selection rule (default: its analysis's own, e.g. retrieval score
     above 0.1); give `rule`/`value` to use one rule for both.
     """
-    from .errors import InvalidParamsError
-
     sides = []
     for run_id, metric in ((run_a, metric_a), (run_b, metric_b)):
         run = store.get_run(run_id)
@@ -86,7 +92,7 @@ def compare_runs(
         available = store.head_metrics(run_id)
         if not available:
             raise InvalidParamsError(f"run {run_id} ({run.analysis}) has no per-head scores")
-        chosen = metric or (analysis.primary_metric if analysis else None) or available[0]
+        chosen = registry.head_metric(run.analysis, metric, available)
         if chosen not in available:
             raise InvalidParamsError(
                 f"run {run_id} has no head metric {chosen!r}; it has: {', '.join(available)}"

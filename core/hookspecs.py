@@ -44,3 +44,25 @@ def register_tasks(register):
 
     Tasks are what circuit analyses run on; a task has a unique `name`.
     """
+
+
+@hookspec
+def register_rpc_methods(register):
+    """Register JSON-RPC methods: call `register(RpcMethod(...))` for each.
+
+    An `RpcMethod` (`headscope.core.rpc.protocol`) names the method, its pydantic
+    params model, a `handler(service, params)` and, for `rpc.discover`, its result
+    type and error codes. The service publishes it beside the built-in methods.
+    """
+
+
+@hookspec
+def register_commands(app, kit):
+    """Add CLI commands to `app`, the `headscope` Typer app (`@app.command()`).
+
+    `kit` is what the CLI shares with plugin commands: `kit.registry()`,
+    `kit.store(db)`, `kit.findings(db)`, `kit.load_model(name, show_progress)`,
+    `kit.parse_params(pairs)`, `kit.emit_json(data)`, `kit.console`, and the
+    option factories `kit.format_option()`, `kit.db_option()`, `kit.model_option()`.
+    An implementation may take `app` alone.
+    """

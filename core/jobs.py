@@ -70,11 +70,9 @@ def prepare(
     return PreparedRun(cls, spec.name, parsed, int(seed), plugin, registry.plugin_version(plugin))
 
 
-def check_against_model(prepared: PreparedRun, handle: ModelHandle) -> None:
+def check_against_model(prepared: PreparedRun, handle: ModelHandle, registry: Any) -> None:
     """Model-dependent validation (e.g. lengths within the model's positions)."""
-    checker = getattr(prepared.analysis, "check", None)
-    if checker is not None:
-        checker(prepared.params, handle)
+    prepared.analysis.check(prepared.params, handle, registry)
 
 
 def record(store: Any, prepared: PreparedRun) -> int:
@@ -122,7 +120,7 @@ def execute(
     cancel_event = cancel_event or threading.Event()
     try:
         handle = model_loader()
-        check_against_model(prepared, handle)
+        check_against_model(prepared, handle, registry)
         model_id = store.ensure_model(handle.info())
         store.mark_running(run_id, model_id, handle.revision)
         ctx = RunContext(
@@ -130,7 +128,7 @@ def execute(
             seed=prepared.seed,
             progress=_ProgressRelay(store, run_id, progress),
             cancel_event=cancel_event,
-            findings=FindingsReader(store),
+            findings=FindingsReader(store, registry),
             registry=registry,
             run_id=run_id,
             workdir=store.artifacts_dir(run_id),

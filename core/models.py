@@ -374,13 +374,25 @@ class ModelPool:
             return self._handles.pop(spec.name, None) is not None
 
 
-def default_registry() -> ModelRegistry:
-    """The process-wide model registry: built-ins plus plugins' `register_models`."""
-    from .plugins import get_registry
+def builtin_models() -> ModelRegistry:
+    """A model registry of the built-in specs alone (no plugins): what `load_model`
+    resolves names against when it is given no registry."""
+    models = ModelRegistry()
+    for spec in builtin_model_specs():
+        models.register(spec)
+    return models
 
-    return get_registry().models
 
+def load_model(
+    name: str,
+    progress: Progress | None = None,
+    remote: bool | str | None = None,
+    models: ModelRegistry | None = None,
+) -> ModelHandle:
+    """Load a model by name (registered name, path, or hub id) into a new handle.
 
-def load_model(name: str, progress: Progress | None = None, remote: bool | str | None = None):
-    """Load a model by name (registered name, path, or hub id) into a new handle."""
-    return load_spec(default_registry().resolve(name), progress, remote=remote)
+    Names resolve against `models` (the CLI passes the plugin registry's), by
+    default the built-in models.
+    """
+    registry = models if models is not None else builtin_models()
+    return load_spec(registry.resolve(name), progress, remote=remote)

@@ -1,21 +1,24 @@
-"""Plugin loading and the registry of analyses, models and tasks.
+"""Plugin loading and the registry of analyses, models, tasks and RPC methods.
 
-Built-in plugins (modules in `headscope.plugins`) and third-party ones (entry points
-in the `headscope` group) register through the same hooks. Loading is defensive: a
+Built-in families (`headscope.plugins.*`) and third-party packages register the
+same way: through entry points in the `headscope` group. Loading is defensive: a
 plugin that fails to import, or whose hook raises, is recorded with its error and
 skipped; everything else keeps working.
 
 `HEADSCOPE_LOAD_PLUGINS` allow-lists third-party plugins by entry-point or
-distribution name (comma-separated); set to an empty string it loads none.
+distribution name (comma-separated); set to an empty string it loads none. The
+built-in families (entry points of the `headscope` distribution) always load.
+
+There is no process-wide registry: the CLI and the service call `build_registry()`
+and pass the result to whatever needs it.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import os
-import threading
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,17 +29,10 @@ from .analysis import Analysis
 from .errors import HeadscopeError, UnknownAnalysisError, UnknownTaskError
 from .models import ModelRegistry, ModelSpec
 
-BUILTIN_PLUGINS = (
-    "headscope.plugins.builtin_models",
-    "headscope.plugins.head_detector",
-    "headscope.plugins.retrieval_heads",
-    "headscope.plugins.builtin_tasks",
-    "headscope.plugins.head_patching",
-    "headscope.plugins.sae_circuit",
-    "headscope.plugins.context_heads",
-    "headscope.plugins.attention_modulation",
-)
-HOOKS = ("register_analyses", "register_models", "register_tasks")
+DISTRIBUTION = "headscope"
+#: hooks collected when the registry is built; `register_commands` is called by
+#: the CLI with its app (`Registry.register_commands`)
+HOOKS = ("register_analyses", "register_models", "register_tasks", "register_rpc_methods")
 
 
 @dataclass
@@ -48,21 +44,28 @@ class PluginInfo:
     analyses: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
+    rpc_methods: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def add_error(self, message: str) -> None:
+        self.error = message if self.error is None else f"{self.error}; {message}"
+
 
 class Registry:
     """Everything the installed plugins provide, by name."""
 
-    def __init__(self) -> None:
+    def __init__(self, manager: pluggy.PluginManager | None = None) -> None:
         self.analyses: dict[str, type[Analysis]] = {}
         self.analysis_plugins: dict[str, str] = {}
         self.models = ModelRegistry()
         self.tasks: dict[str, Any] = {}
+        self.rpc_methods: list[Any] = []
         self.plugins: list[PluginInfo] = []
+        self._manager = manager
 
     def analysis(self, name: str) -> type[Analysis]:
         if name not in self.analyses:
@@ -86,6 +89,40 @@ class Registry:
                 return info.version
         return None
 
+    def head_metric(
+        self, analysis: str | None, metric: str | None = None, available: Sequence[str] = ()
+    ) -> str | None:
+        """The head metric to use for a run of `analysis`: `metric` when given, else
+        the analysis's primary metric, else the first of the run's `available` ones."""
+        if metric:
+            return metric
+        cls = self.analyses.get(analysis) if analysis else None
+        if cls is not None and cls.primary_metric:
+            return cls.primary_metric
+        return available[0] if available else None
+
+    def register_commands(self, app: Any, kit: Any) -> None:
+        """Let every plugin add its CLI commands to `app` (a Typer app); `kit` is what
+        the CLI shares with them (registry, store, model loading, output)."""
+        if self._manager is None:
+            return
+        infos = {info.name: info for info in self.plugins}
+        for impl in self._manager.hook.register_commands.get_hookimpls():
+            info = infos[impl.plugin_name]
+            before = {command.name for command in app.registered_commands}
+            try:
+                impl.function(**_accepted(impl, app=app, kit=kit))
+            except Exception as error:
+                info.add_error(f"register_commands: {type(error).__name__}: {error}")
+            info.commands = sorted({c.name for c in app.registered_commands} - before)
+            if "register_commands" not in info.hooks:
+                info.hooks.append("register_commands")
+
+
+def _accepted(impl: Any, **arguments: Any) -> dict[str, Any]:
+    """The hook arguments an implementation asks for (it may take a subset)."""
+    return {name: arguments[name] for name in impl.argnames}
+
 
 def _allowed_plugins() -> set[str] | None:
     raw = os.environ.get("HEADSCOPE_LOAD_PLUGINS")
@@ -94,45 +131,37 @@ def _allowed_plugins() -> set[str] | None:
     return {name.strip() for name in raw.split(",") if name.strip()}
 
 
-def _headscope_version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def _load(manager: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> None:
-    for module_name in BUILTIN_PLUGINS:
-        short = module_name.rsplit(".", 1)[-1]
-        info = PluginInfo(short, _headscope_version(), builtin=True)
-        infos[short] = info
-        try:
-            manager.register(importlib.import_module(module_name), name=short)
-        except Exception as error:  # a broken built-in is reported, not fatal
-            info.error = f"{type(error).__name__}: {error}"
+def _load(manager: pluggy.PluginManager) -> dict[str, PluginInfo]:
+    """Import every allowed entry point of the group and register it with pluggy."""
     allowed = _allowed_plugins()
-    for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+    infos: dict[str, PluginInfo] = {}
+    entry_points = importlib.metadata.entry_points(group=hookspecs.PROJECT)
+    for entry_point in sorted(entry_points, key=lambda e: e.name):
         dist = entry_point.dist
         dist_name = dist.metadata["Name"] if dist is not None else None
-        if allowed is not None and entry_point.name not in allowed and dist_name not in allowed:
-            continue
+        builtin = dist_name == DISTRIBUTION
+        if entry_point.name in infos:
+            continue  # the same distribution seen twice on sys.path
+        if not builtin and allowed is not None:
+            if entry_point.name not in allowed and dist_name not in allowed:
+                continue
         version = dist.version if dist is not None else None
-        info = PluginInfo(entry_point.name, version, builtin=False)
+        info = PluginInfo(entry_point.name, version, builtin=builtin)
         infos[entry_point.name] = info
         try:
-            module = entry_point.load()
-            manager.register(module, name=entry_point.name)
-        except Exception as error:
+            manager.register(entry_point.load(), name=entry_point.name)
+        except Exception as error:  # a broken plugin is reported, not fatal
             info.error = f"{type(error).__name__}: {error}"
             info.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+    return infos
 
 
 def build_registry() -> Registry:
     """Load plugins and collect what each one registers, attributing everything."""
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
-    infos: dict[str, PluginInfo] = {}
-    _load(manager, infos)
-    registry = Registry()
+    infos = _load(manager)
+    registry = Registry(manager)
 
     def registrar(hook: str, plugin: str, info: PluginInfo):
         def register_analysis(cls: type[Analysis]) -> None:
@@ -158,10 +187,20 @@ def build_registry() -> Registry:
             registry.tasks[name] = task
             info.tasks.append(name)
 
+        def register_rpc_method(method: Any) -> None:
+            name = getattr(method, "name", None)
+            if not name or not callable(getattr(method, "handler", None)):
+                raise HeadscopeError(f"{method!r} is not an RpcMethod with a name and handler")
+            if name in {m.name for m in registry.rpc_methods}:
+                raise HeadscopeError(f"RPC method {name!r} is already registered")
+            registry.rpc_methods.append(method)
+            info.rpc_methods.append(name)
+
         return {
             "register_analyses": register_analysis,
             "register_models": register_model,
             "register_tasks": register_task,
+            "register_rpc_methods": register_rpc_method,
         }[hook]
 
     for hook in HOOKS:
@@ -173,27 +212,6 @@ def build_registry() -> Registry:
             try:
                 impl.function(register=registrar(hook, impl.plugin_name, info))
             except Exception as error:
-                message = f"{hook}: {type(error).__name__}: {error}"
-                info.error = message if info.error is None else f"{info.error}; {message}"
+                info.add_error(f"{hook}: {type(error).__name__}: {error}")
     registry.plugins = sorted(infos.values(), key=lambda i: (not i.builtin, i.name))
     return registry
-
-
-_registry: Registry | None = None
-_lock = threading.Lock()
-
-
-def get_registry() -> Registry:
-    """The process-wide registry, built on first use."""
-    global _registry
-    with _lock:
-        if _registry is None:
-            _registry = build_registry()
-        return _registry
-
-
-def reset_registry() -> None:
-    """Forget loaded plugins (tests, or after installing a plugin in-process)."""
-    global _registry
-    with _lock:
-        _registry = None

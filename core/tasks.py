@@ -12,7 +12,7 @@ same token length (position-wise patching needs it). Labelled examples are paire
 positive-with-negative of equal length. Circuit analyses use the clean prompts as
 positives and the corrupted ones as negatives.
 
-Built-in tasks (`ioi`, `greater-than`) come from `headscope.plugins.builtin_tasks`
+Built-in tasks (`ioi`, `greater-than`) come from `headscope.plugins.circuits.tasks`
 through the `register_tasks` hook; `jsonl:PATH` loads a user task from a file.
 """
 
@@ -302,15 +302,6 @@ def parse_task_row(row: dict, where: str) -> TaskExample:
         label=row.get("label"),
         where=where,
     )
-
-
-def resolve_task(registry: Any, name: str) -> Task:
-    """A registered task by name, or a user task for `jsonl:PATH`."""
-    if registry is None:
-        from .plugins import get_registry
-
-        registry = get_registry()
-    return registry.task(name)
 
 
 def task_report(handle: ModelHandle, task: Task, n: int, seed: int = 0, shown: int = 5) -> dict:

@@ -88,7 +88,7 @@ class HeadDetector(Analysis):
     head_selection = ("threshold", 0.3)
 
     @classmethod
-    def check(cls, params: HeadDetectorParams, handle) -> None:
+    def check(cls, params: HeadDetectorParams, handle, registry) -> None:
         length = params.random_length * params.repeats + len(_prefix_ids(handle))
         if length > handle.max_positions:
             raise ContextTooLongError(

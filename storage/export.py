@@ -1,21 +1,11 @@
-"""Exporting a run: one JSON document, or head scores as CSV (long format)."""
+"""Exporting a run's head scores as CSV (long format); the JSON document is
+`headscope.core.runs.run_document`."""
 
 from __future__ import annotations
 
 import csv
 import io
 from typing import Any
-
-
-def run_document(store: Any, run_id: int) -> dict[str, Any]:
-    """Everything stored about a run, JSON-ready."""
-    run = store.get_run(run_id)
-    return {
-        "run": run.as_dict(),
-        "metrics": store.metrics(run_id),
-        "head_scores": store.head_scores(run_id),
-        "artifacts": store.artifacts(run_id),
-    }
 
 
 def head_scores_csv(store: Any, run_id: int) -> str:

@@ -14,9 +14,6 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
-FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -23,9 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..core.errors import HeadscopeError, RunNotFoundError
 from ..core.paths import data_dir
+from ..core.runs import FINISHED, RunSummary
 from .db import database_path, database_url, make_engine, upgrade
 from .schema import (
-    FINISHED,
     ArtifactRecord,
     HeadScore,
     ModelRecord,
@@ -33,37 +32,6 @@ from .schema import (
     RunMetric,
     utcnow,
 )
-
-
-@dataclass
-class RunSummary:
-    """A run as callers see it (no ORM objects leak out of the store)."""
-
-    id: int
-    analysis: str
-    analysis_version: str
-    plugin: str | None
-    model: str
-    model_revision: str | None
-    params: dict[str, Any]
-    seed: int
-    status: str
-    error: str | None
-    created_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    duration_seconds: float | None
-    progress_done: float | None
-    progress_total: float | None
-    progress_message: str | None
-    packages: dict[str, Any]
-    summary: dict[str, Any] | None
-
-    def as_dict(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        for key in ("created_at", "started_at", "finished_at"):
-            data[key] = data[key].isoformat() if data[key] else None
-        return data
 
 
 def _summary(run: Run) -> RunSummary:

@@ -61,8 +61,8 @@ def test_context_heads_then_modulation_from_its_heads(capsys, tmp_path):
 
     from_run = run_cli(
         capsys, "steer", "Context: the code is 12. Question: code? Answer:", "--context",
-        "the code is 12.", "--from-run", str(run_id), "--top-k", "2", "--min-layer", "1",
-        "-m", "tiny-llama", "--max-new-tokens", "3", "--format", "json", "--db", db,
+        "the code is 12.", "-p", f"from_run={run_id}", "-p", "top_k=2", "-p", "min_layer=1",
+        "-m", "tiny-llama", "-p", "max_new_tokens=3", "--format", "json", "--db", db,
     )  # fmt: skip
     assert from_run.code == 0, from_run.err
     assert len(from_run.json()["modulation"]["heads"]) == 2
@@ -109,14 +109,14 @@ def test_empty_and_malformed_datasets_are_clear_errors(capsys, tmp_path):
 def test_steer_prints_baseline_and_steered_side_by_side(capsys):
     prompt = "Context: the sky is green today. Question: what colour is the sky? Answer:"
     table = run_cli(
-        capsys, "steer", prompt, "--context", "the sky is green today.", "--heads", "1.0,2.3",
-        "-m", "tiny-llama", "--max-new-tokens", "4",
+        capsys, "steer", prompt, "--context", "the sky is green today.", "-p", "heads=1.0,2.3",
+        "-m", "tiny-llama", "-p", "max_new_tokens=4",
     )  # fmt: skip
     assert table.code == 0, table.err
     assert "baseline" in table.out and "steered" in table.out and "2 heads" in table.out
     zero = run_cli(
-        capsys, "steer", prompt, "--span", "9:32", "--alpha", "0", "-m", "tiny-llama",
-        "--max-new-tokens", "6", "--format", "json",
+        capsys, "steer", prompt, "--span", "9:32", "-p", "alpha=0", "-m", "tiny-llama",
+        "-p", "max_new_tokens=6", "--format", "json",
     )  # fmt: skip
     result = zero.json()
     assert result["baseline_tokens"] == result["steered_tokens"]
@@ -130,10 +130,10 @@ def test_steer_prints_baseline_and_steered_side_by_side(capsys):
         (["--token-span", "0:999"], "outside the prompt"),
         (["--positions", "1,x"], "comma-separated"),
         (["--context", "not in it"], "does not occur"),
-        (["--span", "0:4", "--alpha", "5"], "alpha"),
-        (["--span", "0:4", "--heads", "9.0"], "layer 9 out of range"),
-        (["--span", "0:4", "--heads", "one"], "LAYER.HEAD"),
-        (["--span", "0:4", "--form", "other"], "form"),
+        (["--span", "0:4", "-p", "alpha=5"], "alpha"),
+        (["--span", "0:4", "-p", "heads=[[9,0]]"], "layer 9 out of range"),
+        (["--span", "0:4", "-p", "heads=one"], "LAYER.HEAD"),
+        (["--span", "0:4", "-p", "form=other"], "form"),
         ([], "mark the context"),
     ],
 )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from headscope.core.context_data import counterfactual_swaps
-from headscope.core.faithfulness import evaluate
-from headscope.core.modulation import Modulation, layer_heads
-from headscope.core.steering import SteeringRequest, steer
+from headscope.plugins.context.data import counterfactual_swaps
+from headscope.plugins.context.faithfulness import evaluate
+from headscope.plugins.context.modulation import Modulation, layer_heads
+from headscope.plugins.context.steering import SteeringRequest, steer
 
 pytestmark = pytest.mark.real_model
 

@@ -199,6 +199,8 @@ def test_cli_reference_is_in_step_with_the_code(tmp_path):
     subprocess.run(
         [
             str(typer),
+            "--app",
+            "full_app",
             "headscope.cli",
             "utils",
             "docs",

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from headscope.core import tracing as T
-from headscope.core.context_data import NEUTRAL_TEXTS, ContextExample, counterfactual_swaps
-from headscope.core.context_sensitivity import context_sensitivity
-from headscope.core.faithfulness import (
+from headscope.core.spans import CharSpan, mark
+from headscope.plugins.context.data import NEUTRAL_TEXTS, ContextExample, counterfactual_swaps
+from headscope.plugins.context.faithfulness import (
     answer_ids,
     answer_logprobs,
     evaluate,
     matches,
     perplexity,
 )
-from headscope.core.modulation import Modulation, generate_marked
-from headscope.core.spans import CharSpan, mark
+from headscope.plugins.context.modulation import Modulation, generate_marked
+from headscope.plugins.context.sensitivity import context_sensitivity
 
 from conftest import tiny_handle
 from reference import BIAS_SPEC, biased_model, eager_model

@@ -15,8 +15,13 @@ import pytest
 import torch
 
 from headscope.core import tracing as T
-from headscope.core.modulation import Modulation, find_sinks, generate_marked, prompt_sinks
 from headscope.core.spans import CharSpan, TokenSet, mark
+from headscope.plugins.context.modulation import (
+    Modulation,
+    find_sinks,
+    generate_marked,
+    prompt_sinks,
+)
 
 from conftest import tiny_handle
 from reference import BIAS_SPEC, FAMILIES, biased_model, eager_model, greedy, local_and_remote

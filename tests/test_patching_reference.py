@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from headscope.core import tracing as T
-from headscope.core.gradients import head_output_gradients
-from headscope.core.head_results import head_results
 from headscope.core.metrics import TokenMetric
-from headscope.core.patching import attribute_every_head, patch_every_head
 from headscope.core.tasks import Task, TaskExample, prepare_task
+from headscope.plugins.circuits.gradients import head_output_gradients
+from headscope.plugins.circuits.head_results import head_results
+from headscope.plugins.circuits.patching import attribute_every_head, patch_every_head
 
 from conftest import tiny_handle
 from reference import FAMILIES, capture_o_inputs, dims, eager_model, hooks, out_proj

@@ -5,21 +5,18 @@ from __future__ import annotations
 import pytest
 from cli_helpers import run_cli, run_cli_process
 
-from headscope.core.plugins import get_registry, reset_registry
+from headscope.core.plugins import build_registry
 
 
 @pytest.fixture
 def with_plugins(plugin_path, monkeypatch):
     monkeypatch.syspath_prepend(str(plugin_path))
     monkeypatch.delenv("HEADSCOPE_LOAD_PLUGINS", raising=False)
-    reset_registry()
     yield plugin_path
-    reset_registry()
 
 
 def test_builtins_register_through_the_hooks():
-    reset_registry()
-    registry = get_registry()
+    registry = build_registry()
     names = {info.name: info for info in registry.plugins}
     assert "head-detector" in names["head_detector"].analyses
     assert "register_analyses" in names["head_detector"].hooks
@@ -76,14 +73,12 @@ def test_broken_plugin_is_reported_and_everything_else_works(with_plugins, capsy
 
 def test_allow_list_limits_third_party_plugins(with_plugins, monkeypatch):
     monkeypatch.setenv("HEADSCOPE_LOAD_PLUGINS", "example")
-    reset_registry()
-    names = {info.name for info in get_registry().plugins}
+    names = {info.name for info in build_registry().plugins}
     assert "example" in names and "broken" not in names
     monkeypatch.setenv("HEADSCOPE_LOAD_PLUGINS", "")
-    reset_registry()
-    names = {info.name for info in get_registry().plugins}
+    names = {info.name for info in build_registry().plugins}
     assert names == {"builtin_models", "head_detector"} | {
-        i.name for i in get_registry().plugins if i.builtin
+        i.name for i in build_registry().plugins if i.builtin
     }
 
 

@@ -8,13 +8,7 @@ import torch
 from cli_helpers import run_cli
 
 from headscope.core import tracing as T
-from headscope.plugins.needle_haystack import (
-    HaystackBuilder,
-    Needle,
-    load_haystack,
-    load_needles,
-)
-from headscope.plugins.retrieval_heads import (
+from headscope.plugins.retrieval_heads.analysis import (
     NeedleOutcome,
     RetrievalHeads,
     copy_paste_scores,
@@ -22,7 +16,17 @@ from headscope.plugins.retrieval_heads import (
     non_retrieval_heads,
     rouge1_recall,
 )
-from headscope.plugins.retrieval_reference import eager_copy, reference_argmax, reference_scores
+from headscope.plugins.retrieval_heads.needles import (
+    HaystackBuilder,
+    Needle,
+    load_haystack,
+    load_needles,
+)
+from headscope.plugins.retrieval_heads.reference import (
+    eager_copy,
+    reference_argmax,
+    reference_scores,
+)
 
 from conftest import tiny_handle
 

@@ -156,13 +156,14 @@ def test_openrpc_document_has_the_openrpc_shape(plugin_path, monkeypatch):
     import openrpc
 
     from headscope.core.plugins import build_registry
-    from headscope.core.rpc.methods import METHODS
+    from headscope.core.rpc.methods import service_methods
     from headscope.core.rpc.openrpc import openrpc_document
 
     monkeypatch.syspath_prepend(str(plugin_path))
     monkeypatch.setenv("HEADSCOPE_LOAD_PLUGINS", "example")
     registry = build_registry()
     assert {"head-detector", "example-wait", "example-norms"} <= set(registry.analyses)
+    METHODS = service_methods(registry)  # noqa: N806
     document = openrpc_document(METHODS, registry)
     parsed = openrpc.OpenRPC.model_validate(document)
     assert [m.name for m in parsed.methods] == [m.name for m in METHODS]
@@ -180,8 +181,10 @@ def test_openrpc_document_has_the_openrpc_shape(plugin_path, monkeypatch):
 
 
 def test_reference_documents_every_method_and_error_code():
-    from headscope.core.rpc.methods import METHODS
+    from headscope.core.plugins import build_registry
+    from headscope.core.rpc.methods import service_methods
 
+    METHODS = service_methods(build_registry())  # noqa: N806
     text = DOCS.read_text()
     headings = re.findall(r"^### `([a-z.]+)`", text, flags=re.MULTILINE)
     assert headings == [m.name for m in METHODS]

@@ -223,7 +223,7 @@ def test_a_run_that_does_not_fit_the_model_fails_with_its_reason(server):
 
 def test_steered_generation_matches_the_library_call(server):
     from headscope.core.models import load_model
-    from headscope.core.steering import SteeringRequest, steer
+    from headscope.plugins.context.steering import SteeringRequest, steer
 
     prompt = "Context: the sky is green today. Question: sky? Answer:"
     params = {
@@ -269,8 +269,9 @@ def test_errors_send_no_internal_details(server):
 
 def test_openrpc_document_publishes_every_method_and_analysis_schema(server):
     from headscope.core.plugins import build_registry
-    from headscope.core.rpc.methods import METHODS
+    from headscope.core.rpc.methods import service_methods
 
+    METHODS = service_methods(build_registry())  # noqa: N806
     document = server.discover
     assert [m["name"] for m in document["methods"]] == [m.name for m in METHODS]
     registry = build_registry()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from headscope.core import sae
-from headscope.core.evaluation import evaluate_ranking
+from headscope.plugins.circuits import sae
+from headscope.plugins.circuits.evaluation import evaluate_ranking
 
 # 3 positive and 2 negative prompts, 3 heads, codes from 5 units
 POSITIVE = np.array([[0, 1, 2], [0, 3, 2], [4, 1, 2]])

@@ -6,17 +6,6 @@ import json
 
 import pytest
 
-from headscope.core.context_data import (
-    ContextExample,
-    DatasetError,
-    counterfactual_swaps,
-    fact_bank,
-    key_value_retrieval,
-    load_dataset,
-    load_jsonl,
-    proverb_endings,
-    split,
-)
 from headscope.core.spans import (
     CharSpan,
     SpanError,
@@ -26,6 +15,17 @@ from headscope.core.spans import (
     mark,
     parse_range,
     ragged_to_rows,
+)
+from headscope.plugins.context.data import (
+    ContextExample,
+    DatasetError,
+    counterfactual_swaps,
+    fact_bank,
+    key_value_retrieval,
+    load_dataset,
+    load_jsonl,
+    proverb_endings,
+    split,
 )
 
 from conftest import tiny_handle

@@ -9,8 +9,9 @@ import sqlalchemy.exc
 from sqlalchemy import inspect
 
 from headscope.core.errors import HeadscopeError, RunNotFoundError
+from headscope.core.runs import run_document
 from headscope.storage.db import current_revision, head_revision, upgrade
-from headscope.storage.export import head_scores_csv, run_document
+from headscope.storage.export import head_scores_csv
 from headscope.storage.store import Store
 
 

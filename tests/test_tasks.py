@@ -10,10 +10,10 @@ import torch
 
 from headscope.core.errors import InvalidParamsError
 from headscope.core.metrics import TokenMetric
-from headscope.core.plugins import get_registry
+from headscope.core.plugins import build_registry
 from headscope.core.tasks import JsonlTask, prepare_task, score_task
 from headscope.core.tracing import forward, make_batch
-from headscope.plugins.builtin_tasks import later_and_earlier, year_tokens
+from headscope.plugins.circuits.tasks import later_and_earlier, year_tokens
 
 from conftest import tiny_handle
 
@@ -69,7 +69,7 @@ def test_missing_and_empty_files(tmp_path):
 def test_answers_must_be_single_tokens_and_lengths_must_match(tmp_path):
     handle = tiny_handle("llama")  # byte tokenizer: one character = one token
     rows = [GOOD, {**GOOD, "corrupted": "abd abc abc"}, {**GOOD, "prompt": "xyz xyz xyz"}]
-    task = get_registry().task(f"jsonl:{write_jsonl(tmp_path / 't.jsonl', rows)}")
+    task = build_registry().task(f"jsonl:{write_jsonl(tmp_path / 't.jsonl', rows)}")
     data = prepare_task(handle, task, 10, np.random.default_rng(0))
     assert len(data) == 1  # the other two change length
     assert data.dropped == {"corrupted prompt has a different token length": 2}
@@ -98,7 +98,7 @@ def test_labelled_examples_pair_positives_with_negatives_of_equal_length(tmp_pat
 
 def test_greater_than_on_a_digit_tokenizer():
     handle = tiny_handle("gpt2")  # byte tokenizer: digits are single tokens
-    task = get_registry().task("greater-than")
+    task = build_registry().task("greater-than")
     data = prepare_task(handle, task, 6, np.random.default_rng(1))
     assert len(data) == 6
     for pair in data.pairs:
@@ -135,7 +135,9 @@ def test_year_token_modes():
 
 def test_ioi_needs_single_token_names():
     with pytest.raises(InvalidParamsError, match="names that are single tokens"):
-        prepare_task(tiny_handle("llama"), get_registry().task("ioi"), 4, np.random.default_rng(0))
+        prepare_task(
+            tiny_handle("llama"), build_registry().task("ioi"), 4, np.random.default_rng(0)
+        )
 
 
 def test_token_metric_and_task_scores_match_plain_logits(tmp_path):
@@ -163,7 +165,7 @@ def test_token_metric_and_task_scores_match_plain_logits(tmp_path):
 
 @pytest.mark.real_model
 def test_builtin_tasks_on_smollm2(smollm2):
-    registry = get_registry()
+    registry = build_registry()
     ioi = prepare_task(smollm2, registry.task("ioi"), 8, np.random.default_rng(0))
     assert len(ioi) == 8 and not ioi.dropped
     orders = set()

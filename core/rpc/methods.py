@@ -12,12 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ...storage.export import run_document
-from ...storage.schema import RUN_STATUSES
 from ..compare import compare_runs
 from ..errors import InvalidParamsError
 from ..models import DEFAULT_MODEL
-from ..steering import SteeringRequest, steer
+from ..runs import RUN_STATUSES, run_document
 from . import errors as codes
 from . import results
 from .errors import ModelBusyError, RunFailedError, RunNotFinishedError
@@ -97,10 +95,6 @@ class FindingsParams(_Params):
     order: Literal["desc", "asc"] = Field("desc", description="Highest scores first, or lowest.")
     limit: int = Field(20, ge=1, le=1000, description="Heads per page.")
     offset: int = Field(0, ge=0, description="Heads to skip.")
-
-
-class SteerParams(SteeringRequest):
-    model: str = Field(DEFAULT_MODEL, description="Model name (see models.list).")
 
 
 # ----------------------------------------------------------------------------------
@@ -235,7 +229,12 @@ def findings_query(service: Service, params: FindingsParams) -> dict[str, Any]:
     analysis_name = params.analysis
     if params.run_id is not None:
         analysis_name = analysis_name or _require_succeeded(service, params.run_id).analysis
-    metric = params.metric or _primary_metric(service, analysis_name)
+    metric = service.registry.head_metric(analysis_name, params.metric)
+    if metric is None:
+        raise InvalidParamsError(
+            "metric is required unless run_id or analysis names an analysis with a primary metric",
+            [{"field": "metric", "message": "Field required"}],
+        )
     heads = service.store.top_heads(
         metric,
         run_id=params.run_id,
@@ -256,19 +255,10 @@ def findings_query(service: Service, params: FindingsParams) -> dict[str, Any]:
     }
 
 
-def generate_steer(service: Service, params: SteerParams) -> dict[str, Any]:
-    from ..analysis import FindingsReader
-
-    name = service.registry.models.resolve(params.model).name
-    handle = service.workers.load(name)
-    request = SteeringRequest.model_validate(params.model_dump(exclude={"model"}))
-    return steer(handle, request, FindingsReader(service.store)).as_dict()
-
-
 def rpc_discover(service: Service, _: NoParams) -> dict[str, Any]:
     from .openrpc import openrpc_document
 
-    return openrpc_document(METHODS, service.registry)
+    return openrpc_document(service_methods(service.registry), service.registry)
 
 
 # ----------------------------------------------------------------------------------
@@ -295,16 +285,6 @@ def _require_succeeded(service: Service, run_id: int) -> Any:
             run.error,
         )
     return run
-
-
-def _primary_metric(service: Service, analysis: str | None) -> str:
-    cls = service.registry.analyses.get(analysis) if analysis else None
-    if cls is None or not cls.primary_metric:
-        raise InvalidParamsError(
-            "metric is required unless run_id or analysis names an analysis with a primary metric",
-            [{"field": "metric", "message": "Field required"}],
-        )
-    return cls.primary_metric
 
 
 # ----------------------------------------------------------------------------------
@@ -419,18 +399,6 @@ METHODS: tuple[RpcMethod, ...] = (
         errors=_RESULTS,
     ),
     RpcMethod(
-        "generate.steer",
-        SteerParams,
-        generate_steer,
-        results.SteeredGeneration,
-        "Generate for a prompt with and without attention steering towards marked spans.",
-        "Answers when both continuations are done (seconds on a small model; it waits "
-        "for the model while a run on it holds the model). Heads: an explicit list, "
-        "all heads of min_layer..max_layer (the default), or the top heads of an "
-        "earlier run (from_run).",
-        errors=(*_MODEL, codes.RUN_NOT_FOUND),
-    ),
-    RpcMethod(
         "rpc.discover",
         NoParams,
         rpc_discover,
@@ -438,3 +406,10 @@ METHODS: tuple[RpcMethod, ...] = (
         "This API as an OpenRPC document, with every installed analysis's params schema.",
     ),
 )
+
+
+def service_methods(registry: Any) -> tuple[RpcMethod, ...]:
+    """The methods a service answers: the built-in ones, then those plugins register
+    (`register_rpc_methods`), with `rpc.discover` last."""
+    *builtin, discover = METHODS
+    return (*builtin, *registry.rpc_methods, discover)

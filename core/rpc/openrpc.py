@@ -26,7 +26,7 @@ def analysis_schema_name(analysis: str) -> str:
 
 
 def openrpc_document(methods: Iterable[RpcMethod], registry: Any) -> dict[str, Any]:
-    from ... import __version__
+    from ..version import __version__
 
     schemas: dict[str, Any] = {}
     for name, cls in sorted(registry.analyses.items()):

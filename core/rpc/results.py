@@ -1,7 +1,7 @@
 """The shapes of method results, for the OpenRPC document.
 
 Handlers return plain data (dicts from the store and the registry); these models
-only describe it, so `rpc.discover` can publish a JSON schema for every result.
+only describe it (a run is `core.runs.RunSummary` itself), so `rpc.discover` can publish a JSON schema for every result.
 A test validates real results against the published schemas.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from ..runs import RunSummary
 
 
 class PluginEntry(BaseModel):
@@ -74,28 +76,6 @@ class Submitted(BaseModel):
     status: str
 
 
-class RunInfo(BaseModel):
-    id: int
-    analysis: str
-    analysis_version: str
-    plugin: str | None
-    model: str
-    model_revision: str | None
-    params: dict[str, Any]
-    seed: int
-    status: str = Field(description="queued, running, succeeded, failed, cancelled or interrupted.")
-    error: str | None
-    created_at: str | None = Field(description="ISO 8601, UTC.")
-    started_at: str | None
-    finished_at: str | None
-    duration_seconds: float | None
-    progress_done: float | None
-    progress_total: float | None
-    progress_message: str | None
-    packages: dict[str, Any]
-    summary: dict[str, Any] | None
-
-
 class HeadScoreRow(BaseModel):
     layer: int
     head: int
@@ -112,7 +92,7 @@ class ArtifactRow(BaseModel):
 
 
 class RunDocument(BaseModel):
-    run: RunInfo
+    run: RunSummary
     metrics: dict[str, float | None]
     head_scores: list[HeadScoreRow]
     artifacts: list[ArtifactRow]
@@ -122,7 +102,7 @@ class RunPage(BaseModel):
     total: int = Field(description="Runs matching the filters, over all pages.")
     limit: int
     offset: int
-    runs: list[RunInfo]
+    runs: list[RunSummary]
 
 
 class Cancelled(BaseModel):
@@ -181,13 +161,3 @@ class Comparison(BaseModel):
     overlap_coefficient: float
     shared_heads: list[list[int]]
     bands: list[BandOverlap]
-
-
-class SteeredGeneration(BaseModel):
-    prompt: str
-    context_positions: list[int] = Field(description="Token positions of the marked spans.")
-    baseline: str = Field(description="Continuation without steering.")
-    steered: str = Field(description="Continuation with steering.")
-    baseline_tokens: list[int]
-    steered_tokens: list[int]
-    modulation: dict[str, Any] = Field(description="Form, strength and the steered heads.")

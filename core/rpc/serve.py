@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .http import DEFAULT_HOST, DEFAULT_MAX_BYTES, DEFAULT_PORT, RpcHTTPServer, check_binding
-from .methods import METHODS
+from .methods import service_methods
 from .protocol import Endpoint
 from .service import Service
 from .stdio import serve_stdio
@@ -39,6 +39,8 @@ def default_torch_threads() -> int:
 
 
 Announce = Callable[[dict[str, Any]], None]
+#: builds the service (store, registry, workers): slow, so called after quick checks
+OpenService = Callable[[], Service]
 
 
 def _prepare_process(stop: threading.Event) -> None:
@@ -57,21 +59,21 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def serve_http(
-    db: str | None,
+    open_service: OpenService,
     announce: Announce,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     token: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     shutdown_timeout: float = 30.0,
-    torch_threads: int | None = None,
 ) -> None:
     stop = threading.Event()
     _prepare_process(stop)
     check_binding(host, token)  # before the slow start, so a refusal is quick
-    service = Service.open(db, torch_threads or default_torch_threads())
+    service = open_service()
     try:
-        server = RpcHTTPServer(Endpoint(METHODS, service), host, port, token, max_bytes)
+        endpoint = Endpoint(service_methods(service.registry), service)
+        server = RpcHTTPServer(endpoint, host, port, token, max_bytes)
     except BaseException:
         service.close(shutdown_timeout)
         raise
@@ -102,11 +104,10 @@ def serve_http(
 
 
 def serve_stdin(
-    db: str | None,
+    open_service: OpenService,
     announce: Announce,
     max_bytes: int = DEFAULT_MAX_BYTES,
     shutdown_timeout: float = 30.0,
-    torch_threads: int | None = None,
 ) -> None:
     """Serve stdin/stdout; anything else written to stdout is sent to stderr instead."""
     stop = threading.Event()
@@ -114,10 +115,11 @@ def serve_stdin(
     sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    service = Service.open(db, torch_threads or default_torch_threads())
+    service = open_service()
     announce({"event": "ready", "pid": os.getpid(), "interrupted_runs": service.recovered})
     try:
-        serve_stdio(Endpoint(METHODS, service), sys.stdin.buffer, sink, stop, max_bytes)
+        endpoint = Endpoint(service_methods(service.registry), service)
+        serve_stdio(endpoint, sys.stdin.buffer, sink, stop, max_bytes)
     finally:
         service.close(shutdown_timeout)
         sink.close()

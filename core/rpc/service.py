@@ -1,7 +1,8 @@
 """What the RPC methods work with: the store, the plugin registry, loaded models, workers.
 
-`Service.open` is where recovery happens: runs that a dead process left queued or
-running are marked interrupted before anything new is accepted.
+The caller (`headscope serve`) builds the store and the registry and hands them to
+`Service.open`, which is where recovery happens: runs that a dead process left
+queued or running are marked interrupted before anything new is accepted.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models import ModelPool
-from ..plugins import Registry, get_registry
+from ..plugins import Registry
 from ..workers import ModelWorkers, settle_heap
 
 log = logging.getLogger("headscope.service")
@@ -19,21 +20,17 @@ log = logging.getLogger("headscope.service")
 
 @dataclass
 class Service:
-    store: Any
+    store: Any  # a headscope.storage.store.Store
     registry: Registry
     pool: ModelPool
     workers: ModelWorkers
     recovered: list[int]
 
     @classmethod
-    def open(cls, db: str | None = None, torch_threads: int | None = None) -> Service:
-        from ...storage.store import Store
-
-        store = Store(db)
+    def open(cls, store: Any, registry: Registry, torch_threads: int | None = None) -> Service:
         recovered = store.mark_interrupted(only_dead_owners=True)
         if recovered:
             log.info("marked runs left by a stopped process as interrupted: %s", recovered)
-        registry = get_registry()
         for plugin in registry.plugins:
             if plugin.error:
                 log.warning("plugin %s failed to load: %s", plugin.name, plugin.error)

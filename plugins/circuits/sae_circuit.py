@@ -24,16 +24,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from headscope.core import sae
 from headscope.core.analysis import Analysis, Finding, RunContext
 from headscope.core.compare import select_heads
 from headscope.core.errors import InvalidParamsError
-from headscope.core.evaluation import evaluate_ranking
-from headscope.core.head_results import head_results
-from headscope.core.hookspecs import hookimpl
 from headscope.core.plots import head_heatmap
-from headscope.core.tasks import TaskData, prepare_task, resolve_task, score_task
-from headscope.plugins.head_patching import describe_task, reference_effects
+from headscope.core.tasks import TaskData, prepare_task, score_task
+from headscope.plugins.circuits.evaluation import evaluate_ranking
+from headscope.plugins.circuits.head_patching import describe_task, reference_effects
+from headscope.plugins.circuits.head_results import head_results
+
+from . import sae
 
 
 class SaeCircuitParams(BaseModel):
@@ -85,8 +85,8 @@ class SaeCircuit(Analysis):
     head_selection = ("top", 15)
 
     @classmethod
-    def check(cls, params: SaeCircuitParams, handle) -> None:
-        task = resolve_task(None, params.task)
+    def check(cls, params: SaeCircuitParams, handle, registry) -> None:
+        task = registry.task(params.task)
         data = prepare_task(handle, task, params.n_examples, np.random.default_rng(0))
         if params.train_prompts > 2 * len(data):
             raise InvalidParamsError(
@@ -96,7 +96,7 @@ class SaeCircuit(Analysis):
 
     def run(self, ctx: RunContext, params: SaeCircuitParams) -> Finding:
         handle = ctx.model
-        task = resolve_task(ctx.registry, params.task)
+        task = ctx.registry.task(params.task)
         data = prepare_task(handle, task, params.n_examples, ctx.rng)
         finding = Finding()
         describe_task(finding, handle, data, params.batch_size)
@@ -218,8 +218,7 @@ class SaeCircuit(Analysis):
             raise InvalidParamsError(
                 f"reference run {run_id} is on {run.model}, this run on {handle.name}"
             )
-        analysis = ctx.registry.analyses.get(run.analysis) if ctx.registry else None
-        metric = analysis.primary_metric if analysis and analysis.primary_metric else "importance"
+        metric = ctx.registry.head_metric(run.analysis) or "importance"
         values = ctx.findings.head_scores(run_id, metric)
         scores = np.zeros((handle.n_layers, handle.n_heads))
         for (layer, head), value in values.items():
@@ -291,8 +290,3 @@ def _as_dict(matrix: np.ndarray) -> dict[tuple[int, int], float]:
         for layer in range(layers)
         for head in range(heads)
     }
-
-
-@hookimpl
-def register_analyses(register):
-    register(SaeCircuit)

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import HeadscopeError
-from .models import ModelHandle
-from .tracing import Batch, HeadOutputs, forward
+from headscope.core.errors import HeadscopeError
+from headscope.core.models import ModelHandle
+from headscope.core.tracing import Batch, HeadOutputs, forward
 
 
 def head_results(

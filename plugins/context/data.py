@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import InvalidParamsError
-from .jsonl import read_jsonl
-from .spans import CharSpan, MarkedPrompt, mark
+from headscope.core.errors import InvalidParamsError
+from headscope.core.jsonl import read_jsonl
+from headscope.core.spans import CharSpan, MarkedPrompt, mark
 
 
 class DatasetError(InvalidParamsError):

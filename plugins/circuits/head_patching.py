@@ -27,10 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import spearmanr
 
 from headscope.core.analysis import Analysis, Finding, RunContext
-from headscope.core.hookspecs import hookimpl
-from headscope.core.patching import attribute_every_head, patch_every_head
 from headscope.core.plots import head_heatmap
-from headscope.core.tasks import TaskData, prepare_task, resolve_task, score_task
+from headscope.core.tasks import TaskData, prepare_task, score_task
+from headscope.plugins.circuits.patching import attribute_every_head, patch_every_head
 
 
 class HeadPatchingParams(BaseModel):
@@ -59,13 +58,13 @@ class HeadPatching(Analysis):
     head_selection = ("top", 15)
 
     @classmethod
-    def check(cls, params: HeadPatchingParams, handle) -> None:
-        task = resolve_task(None, params.task)
+    def check(cls, params: HeadPatchingParams, handle, registry) -> None:
+        task = registry.task(params.task)
         prepare_task(handle, task, params.n_examples, np.random.default_rng(0))
 
     def run(self, ctx: RunContext, params: HeadPatchingParams) -> Finding:
         handle = ctx.model
-        task = resolve_task(ctx.registry, params.task)
+        task = ctx.registry.task(params.task)
         data = prepare_task(handle, task, params.n_examples, ctx.rng)
         finding = Finding()
         scores = describe_task(finding, handle, data, params.rows_per_pass)
@@ -133,8 +132,3 @@ def reference_effects(
         rho = spearmanr(attribution.flatten(), result.effects["noising"].flatten()).statistic
         out["attribution_spearman"] = float(rho)
     return out
-
-
-@hookimpl
-def register_analyses(register):
-    register(HeadPatching)

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from headscope.core.models import ModelHandle
+from headscope.core.tasks import TaskData
+from headscope.core.tracing import Batch, HeadOutputs, RowHeadPatch, forward
+
 from .gradients import head_output_gradients
-from .models import ModelHandle
-from .tasks import TaskData
-from .tracing import Batch, HeadOutputs, RowHeadPatch, forward
 
 Progress = Callable[[int, int, str], None]
 DIRECTIONS = ("noising", "denoising")

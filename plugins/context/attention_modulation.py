@@ -18,19 +18,18 @@ import torch
 from pydantic import Field, model_validator
 
 from headscope.core.analysis import Analysis, Finding, RunContext
-from headscope.core.context_sensitivity import METRICS, context_sensitivity
-from headscope.core.faithfulness import Evaluation, evaluate, perplexity
-from headscope.core.hookspecs import hookimpl
-from headscope.core.modulation import (
-    ALPHA_RANGE,
-    Modulation,
-    layer_heads,
-    layer_range,
-    select_heads,
-)
 from headscope.core.tracing import HeadMap, check_heads, head_map
+from headscope.plugins.context.faithfulness import Evaluation, evaluate, perplexity
+from headscope.plugins.context.sensitivity import METRICS, context_sensitivity
 
 from .context_heads import DatasetParams, calibration_split
+from .modulation import (
+    Modulation,
+    SteeringSettings,
+    heads_by_score,
+    layer_heads,
+    layer_range,
+)
 
 # metric -> column of the summary table
 SETTING_METRICS = {
@@ -42,7 +41,7 @@ SETTING_METRICS = {
 }
 
 
-class ModulationParams(DatasetParams):
+class ModulationParams(DatasetParams, SteeringSettings):
     selection: Literal["top_k", "threshold", "list", "all"] = Field(
         "top_k",
         description="top_k / threshold on `metric`, an explicit `heads` list, or all heads "
@@ -59,22 +58,6 @@ class ModulationParams(DatasetParams):
     from_run: int | None = Field(
         None, description="Take head scores from this context-heads run instead of scoring now."
     )
-    min_layer: int = Field(2, ge=0, description="First layer that may be steered.")
-    max_layer: int | None = Field(None, ge=0, description="Last layer (default: the last).")
-    alpha: float = Field(
-        0.5,
-        ge=ALPHA_RANGE[0],
-        le=ALPHA_RANGE[1],
-        description="PAINT strength: context logits z += alpha * |z|.",
-    )
-    form: Literal["paint", "pasta"] = Field("paint", description="paint or pasta.")
-    pasta_coefficient: float = Field(
-        0.01, gt=0, le=1, description="PASTA: non-context attention is scaled by this."
-    )
-    sink_beta: float | None = Field(
-        None, gt=0, le=1, description="ACT sink calibration: scale sink attention by this."
-    )
-    sink_threshold: float = Field(0.1, gt=0, lt=1, description="ACT sink threshold.")
     controls: bool = Field(True, description="Also run all-heads and random-heads controls.")
     random_draws: int = Field(
         1, ge=1, le=20, description="Random head sets in the control (metrics are averaged)."
@@ -97,8 +80,6 @@ class ModulationParams(DatasetParams):
                     f"metric {self.metric!r} is not a context-heads metric "
                     f"({', '.join(METRICS)}); other metrics need from_run"
                 )
-        if self.max_layer is not None and self.max_layer < self.min_layer:
-            raise ValueError(f"max_layer {self.max_layer} is below min_layer {self.min_layer}")
         return self
 
 
@@ -110,7 +91,7 @@ class AttentionModulation(Analysis):
     primary_metric = "selected"
 
     @classmethod
-    def check(cls, params: ModulationParams, handle) -> None:
+    def check(cls, params: ModulationParams, handle, registry) -> None:
         layer_range(handle, params.min_layer, params.max_layer)
         if params.heads:
             check_heads(handle, head_map(params.heads))
@@ -198,20 +179,12 @@ class AttentionModulation(Analysis):
             check_heads(handle, heads)
             return heads
         if params.selection == "top_k":
-            return select_heads(scores, top_k=params.top_k, layers=layers)
-        return select_heads(scores, threshold=params.threshold, layers=layers)
+            return heads_by_score(scores, "top", params.top_k, layers)
+        return heads_by_score(scores, "threshold", params.threshold, layers)
 
     @staticmethod
     def _modulation(params, heads: HeadMap, label: str) -> Modulation:
-        return Modulation(
-            heads,
-            alpha=params.alpha,
-            form=params.form,
-            pasta_coefficient=params.pasta_coefficient,
-            sink_beta=params.sink_beta,
-            sink_threshold=params.sink_threshold,
-            label=label,
-        )
+        return Modulation(heads, params.settings(), label)
 
     @staticmethod
     def _report(finding, params, heads, settings, evaluations, n_calibration) -> None:
@@ -261,8 +234,3 @@ class AttentionModulation(Analysis):
             {r.label: r.rows for r in evaluations},
             "per-example answers and log-probabilities for each setting",
         )
-
-
-@hookimpl
-def register_analyses(register):
-    register(AttentionModulation)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import HeadscopeError
-from .metrics import TokenMetric
-from .models import ModelHandle, import_nnsight
-from .tracing import Batch, _trace_kwargs
+from headscope.core.errors import HeadscopeError
+from headscope.core.metrics import TokenMetric
+from headscope.core.models import ModelHandle, import_nnsight
+from headscope.core.tracing import Batch, _trace_kwargs
 
 
 @dataclass

@@ -56,7 +56,7 @@ class NeedleTest:
 
 
 def data_dir() -> Path:
-    return Path(str(files("headscope.plugins").joinpath("data")))
+    return Path(str(files("headscope.plugins.retrieval_heads").joinpath("data")))
 
 
 def default_needles_path() -> Path:

@@ -12,20 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import InvalidParamsError, validation_error
-from .models import ModelHandle
+from headscope.core.errors import InvalidParamsError
+from headscope.core.models import ModelHandle
+from headscope.core.spans import CharSpan, MarkedPrompt, Span, TokenSet, TokenSpan, find_text, mark
+from headscope.core.tracing import HeadMap, head_map
+
 from .modulation import (
-    ALPHA_RANGE,
     Modulation,
+    SteeringSettings,
     generate_marked,
+    heads_by_score,
     layer_heads,
     layer_range,
-    select_heads,
 )
-from .spans import CharSpan, MarkedPrompt, Span, TokenSet, TokenSpan, find_text, mark
-from .tracing import HeadMap, head_map
 
 
 class SpanSpec(BaseModel):
@@ -57,28 +58,38 @@ class SpanSpec(BaseModel):
         return TokenSet(self.positions or [])
 
 
-class SteeringRequest(BaseModel):
+class SteeringRequest(SteeringSettings):
     """Generate for `prompt` with and without steering towards its marked spans."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., min_length=1)
     spans: list[SpanSpec] = Field(..., min_length=1)
     heads: list[tuple[int, int]] | Literal["all"] | None = Field(
-        None, description="[[layer, head], ...], or all heads of the layer range."
+        None,
+        description='[[layer, head], ...] or "LAYER.HEAD,LAYER.HEAD", or all heads of '
+        "the layer range (all, the default).",
     )
     from_run: int | None = Field(None, description="Use the top heads of this run.")
     metric: str | None = Field(None, description="Head metric of from_run (default: primary).")
     top_k: int | None = Field(None, ge=1, description="Heads taken from from_run (default 20).")
     threshold: float | None = Field(None, description="Or: from_run heads above this score.")
-    min_layer: int = Field(2, ge=0)
-    max_layer: int | None = Field(None, ge=0)
-    alpha: float = Field(0.5, ge=ALPHA_RANGE[0], le=ALPHA_RANGE[1])
-    form: Literal["paint", "pasta"] = "paint"
-    pasta_coefficient: float = Field(0.01, gt=0, le=1)
-    sink_beta: float | None = Field(None, gt=0, le=1)
-    max_new_tokens: int = Field(32, ge=1, le=4096)
-    stop_at_newline: bool = False
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Tokens to generate.")
+    stop_at_newline: bool = Field(False, description="Stop each continuation at a newline.")
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _head_list(cls, value: Any) -> Any:
+        """`LAYER.HEAD,LAYER.HEAD` (e.g. `17.3,18.6`), as written on the command line."""
+        if isinstance(value, float):  # `-p heads=9.0` reads as a number
+            raise ValueError(f"{value!r}: write all, LAYER.HEAD,LAYER.HEAD or [[layer, head]]")
+        if not isinstance(value, str) or value.strip() == "all":
+            return value.strip() if isinstance(value, str) else value
+        heads = []
+        for part in value.split(","):
+            layer, dot, head = part.strip().partition(".")
+            if not dot or not layer.isdigit() or not head.isdigit():
+                raise ValueError(f"{value!r}: write all or LAYER.HEAD,LAYER.HEAD")
+            heads.append((int(layer), int(head)))
+        return heads
 
     @model_validator(mode="after")
     def _one_head_source(self):
@@ -89,12 +100,8 @@ class SteeringRequest(BaseModel):
         return self
 
     @classmethod
-    def parse(cls, values: dict[str, Any]) -> SteeringRequest:
-        """Validate raw values; errors name each bad field."""
-        try:
-            return cls.model_validate(values)
-        except ValidationError as error:
-            raise validation_error(error, "invalid steering request", "(request)") from None
+    def parse(cls, values: dict[str, Any], what: str = "invalid steering request"):
+        return super().parse(values, what)
 
 
 @dataclass
@@ -119,25 +126,15 @@ def resolve_heads(handle: ModelHandle, request: SteeringRequest, findings: Any =
     if request.from_run is not None:
         if findings is None:
             raise InvalidParamsError("from_run needs access to the findings store")
-        metric = request.metric or _primary_metric(findings, request.from_run)
-        scores = findings.head_scores(request.from_run, metric)
+        scores = findings.head_scores(
+            request.from_run, findings.head_metric(request.from_run, request.metric)
+        )
         if request.threshold is not None:
-            return select_heads(scores, threshold=request.threshold, layers=layers)
-        return select_heads(scores, top_k=request.top_k or 20, layers=layers)
+            return heads_by_score(scores, "threshold", request.threshold, layers)
+        return heads_by_score(scores, "top", request.top_k or 20, layers)
     if request.heads is None or request.heads == "all":
         return layer_heads(handle, layers)
     return head_map(request.heads)
-
-
-def _primary_metric(findings: Any, run_id: int) -> str:
-    from .plugins import get_registry
-
-    run = findings.run(run_id)
-    analysis = get_registry().analyses.get(run.analysis)
-    metric = analysis.primary_metric if analysis is not None else None
-    if metric is None:
-        raise InvalidParamsError(f"run {run_id} ({run.analysis}): name the head metric to use")
-    return metric
 
 
 def marked_prompt(handle: ModelHandle, request: SteeringRequest) -> MarkedPrompt:
@@ -147,13 +144,7 @@ def marked_prompt(handle: ModelHandle, request: SteeringRequest) -> MarkedPrompt
 def steer(handle: ModelHandle, request: SteeringRequest, findings: Any = None) -> SteeredGeneration:
     """Generate for the request's prompt without and with its modulation."""
     marked = marked_prompt(handle, request)
-    modulation = Modulation(
-        resolve_heads(handle, request, findings),
-        alpha=request.alpha,
-        form=request.form,
-        pasta_coefficient=request.pasta_coefficient,
-        sink_beta=request.sink_beta,
-    )
+    modulation = Modulation(resolve_heads(handle, request, findings), request.settings())
     modulation.validate(handle)
     handle.check_length(len(marked) + request.max_new_tokens, "prompt plus generated tokens")
     runs = [

@@ -13,8 +13,8 @@ import copy
 
 import torch
 
-from .needle_haystack import NeedleTest
-from .retrieval_heads import copy_paste_scores
+from .analysis import copy_paste_scores
+from .needles import NeedleTest
 
 
 def eager_copy(handle) -> torch.nn.Module:

@@ -20,45 +20,82 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import compare
-from . import tracing as T
-from .errors import InvalidParamsError
-from .models import ModelHandle
-from .spans import MarkedPrompt, ragged_to_rows
+from headscope.core import compare
+from headscope.core import tracing as T
+from headscope.core.errors import InvalidParamsError, validation_error
+from headscope.core.models import ModelHandle
+from headscope.core.spans import MarkedPrompt, ragged_to_rows
 
 Form = Literal["paint", "pasta"]
-ALPHA_RANGE = (0.0, 4.0)
 
 
-@dataclass
+class SteeringSettings(BaseModel):
+    """How chosen heads are steered: the one definition behind attention-modulation's
+    params, the `steer` command and `generate.steer`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_layer: int = Field(2, ge=0, description="First layer that may be steered.")
+    max_layer: int | None = Field(None, ge=0, description="Last layer (default: the last).")
+    alpha: float = Field(
+        0.5, ge=0.0, le=4.0, description="PAINT strength: context logits z += alpha * |z|."
+    )
+    form: Form = Field("paint", description="paint (amplify context) or pasta (damp the rest).")
+    pasta_coefficient: float = Field(
+        0.01, gt=0, le=1, description="PASTA: non-context attention is scaled by this."
+    )
+    sink_beta: float | None = Field(
+        None, gt=0, le=1, description="ACT sink calibration: scale sink attention by this."
+    )
+    sink_threshold: float = Field(0.1, gt=0, lt=1, description="ACT sink threshold.")
+
+    @model_validator(mode="after")
+    def _layer_order(self):
+        if self.max_layer is not None and self.max_layer < self.min_layer:
+            raise ValueError(f"max_layer {self.max_layer} is below min_layer {self.min_layer}")
+        return self
+
+    @classmethod
+    def parse(cls, values: dict[str, Any], what: str = "invalid steering settings"):
+        """Validate raw values; errors name each bad field."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise validation_error(error, what, "(request)") from None
+
+    def settings(self) -> SteeringSettings:
+        """Just the steering settings of a model that extends them."""
+        return SteeringSettings.model_validate(
+            {name: getattr(self, name) for name in SteeringSettings.model_fields}
+        )
+
+
 class Modulation:
-    """Which heads to steer towards the context, and how strongly."""
+    """Which heads to steer towards the context, and how (`SteeringSettings`).
 
-    heads: T.HeadMap
-    alpha: float = 0.5
-    form: Form = "paint"
-    pasta_coefficient: float = 0.01
-    sink_beta: float | None = None
-    sink_threshold: float = 0.1
-    label: str = field(default="modulated", compare=False)
+    `Modulation(heads, alpha=0.8)` checks the settings as the params would.
+    """
+
+    def __init__(
+        self,
+        heads: T.HeadMap,
+        settings: SteeringSettings | None = None,
+        label: str = "modulated",
+        **values: Any,
+    ):
+        if settings is not None and values:
+            raise TypeError("give settings or keyword values, not both")
+        self.heads = heads
+        self.settings = settings if settings is not None else SteeringSettings.parse(values)
+        self.label = label
 
     def validate(self, handle: ModelHandle) -> None:
-        low, high = ALPHA_RANGE
-        if not (low <= self.alpha <= high) or math.isnan(self.alpha):
-            raise InvalidParamsError(f"alpha {self.alpha} is out of range {low}..{high}")
-        if self.form not in ("paint", "pasta"):
-            raise InvalidParamsError(f"unknown modulation form {self.form!r} (paint or pasta)")
-        if not 0.0 < self.pasta_coefficient <= 1.0:
-            raise InvalidParamsError(
-                f"pasta_coefficient {self.pasta_coefficient} is out of range (0, 1]"
-            )
-        if self.sink_beta is not None and not 0.0 < self.sink_beta <= 1.0:
-            raise InvalidParamsError(f"sink_beta {self.sink_beta} is out of range (0, 1]")
+        """The heads exist in this model (the settings were checked when made)."""
         if not self.heads:
             raise InvalidParamsError("no heads selected to modulate")
         T.check_heads(handle, self.heads)
@@ -76,9 +113,10 @@ class Modulation:
             raise InvalidParamsError(f"{len(marked)} marked prompts for {batch.size} rows")
         # the first row after the context (the last prompt row if the context ends it)
         query_from = [min(m.end, len(m) - 1) for m in marked]
-        if self.form == "paint":
+        settings = self.settings
+        if settings.form == "paint":
             keys = ragged_to_rows([m.positions for m in marked])
-            steer = T.AttentionBias(self.heads, keys, self.alpha, "scaled", query_from)
+            steer = T.AttentionBias(self.heads, keys, settings.alpha, "scaled", query_from)
         else:
             all_context = [i for i, m in enumerate(marked) if not m.others()]
             if all_context:
@@ -86,21 +124,22 @@ class Modulation:
                     f"prompt {all_context[0]} is all context: PASTA has nothing to down-weight"
                 )
             keys = ragged_to_rows([m.others() for m in marked])
-            value = math.log(self.pasta_coefficient)
+            value = math.log(settings.pasta_coefficient)
             steer = T.AttentionBias(self.heads, keys, value, "add", query_from)
         items: list[T.Intervention] = [steer]
-        if self.sink_beta is not None:
-            sinks = prompt_sinks(handle, batch, marked, sorted(self.heads), self.sink_threshold)
-            items.append(T.SinkCalibration(self.heads, sinks, self.sink_beta, query_from))
+        if settings.sink_beta is not None:
+            sinks = prompt_sinks(handle, batch, marked, sorted(self.heads), settings.sink_threshold)
+            items.append(T.SinkCalibration(self.heads, sinks, settings.sink_beta, query_from))
         return items
 
     def describe(self) -> dict:
+        settings = self.settings
         return {
             "label": self.label,
-            "form": self.form,
-            "alpha": self.alpha,
-            "pasta_coefficient": self.pasta_coefficient if self.form == "pasta" else None,
-            "sink_beta": self.sink_beta,
+            "form": settings.form,
+            "alpha": settings.alpha,
+            "pasta_coefficient": settings.pasta_coefficient if settings.form == "pasta" else None,
+            "sink_beta": settings.sink_beta,
             "heads": [[layer, head] for layer, hs in self.heads.items() for head in hs],
         }
 
@@ -161,19 +200,11 @@ def layer_heads(handle: ModelHandle, layers: Sequence[int] | None = None) -> T.H
     return T.head_map({layer: range(handle.n_heads) for layer in chosen})
 
 
-def select_heads(
-    scores: dict[tuple[int, int], float],
-    top_k: int | None = None,
-    threshold: float | None = None,
-    layers: Sequence[int] | None = None,
+def heads_by_score(
+    scores: dict[tuple[int, int], float], rule: str, value: float, layers: Sequence[int]
 ) -> T.HeadMap:
-    """Heads by score within `layers`: the `top_k` best, or those above `threshold`."""
-    if (top_k is None) == (threshold is None):
-        raise InvalidParamsError("select heads by top_k or by threshold (exactly one)")
-    allowed = set(layers) if layers is not None else None
-    pool = {h: s for h, s in scores.items() if allowed is None or h[0] in allowed}
-    rule, value = ("top", top_k) if top_k is not None else ("threshold", threshold)
-    chosen = compare.select_heads(pool, rule, value)
+    """`compare.select_heads` within `layers`, as a head map; an empty choice is an error."""
+    chosen = compare.select_heads(scores, rule, value, layers)
     if not chosen:
         raise InvalidParamsError("the head selection is empty")
     return T.head_map(sorted(chosen))

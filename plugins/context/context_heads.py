@@ -13,10 +13,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from headscope.core.analysis import Analysis, Finding, RunContext, top_heads
-from headscope.core.context_data import load_dataset, split
-from headscope.core.context_sensitivity import METRICS, context_sensitivity
-from headscope.core.hookspecs import hookimpl
 from headscope.core.plots import head_heatmap
+from headscope.plugins.context.data import load_dataset, split
+from headscope.plugins.context.sensitivity import METRICS, context_sensitivity
 
 
 class DatasetParams(BaseModel):
@@ -56,7 +55,7 @@ class ContextHeads(Analysis):
     head_selection = ("top", 45)
 
     @classmethod
-    def check(cls, params: ContextHeadsParams, handle) -> None:
+    def check(cls, params: ContextHeadsParams, handle, registry) -> None:
         calibration, _ = calibration_split(params, 0)
         for example in calibration:
             marked = example.marked(handle)
@@ -83,8 +82,3 @@ class ContextHeads(Analysis):
         )
         finding.add_figure(f"{self.primary_metric}.png", figure, "context attention per head")
         return finding
-
-
-@hookimpl
-def register_analyses(register):
-    register(ContextHeads)

@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import tracing as T
-from .models import ModelHandle
+from headscope.core import tracing as T
+from headscope.core.models import ModelHandle
+from headscope.core.spans import MarkedPrompt
+
 from .modulation import generate_marked
-from .spans import MarkedPrompt
 
 METRICS = ("context_mass", "answer_context_mass", "lookback_ratio")
 

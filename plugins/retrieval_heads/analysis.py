@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from headscope.core.analysis import Analysis, Finding, RunContext
 from headscope.core.errors import ContextTooLongError, InvalidParamsError
-from headscope.core.hookspecs import hookimpl
 from headscope.core.plots import head_heatmap, line_plot
 from headscope.core.tracing import (
     AttentionRows,
@@ -39,7 +38,7 @@ from headscope.core.tracing import (
     stop_token_ids,
 )
 
-from .needle_haystack import (
+from .needles import (
     DEFAULT_TEMPLATE,
     HaystackBuilder,
     NeedleTest,
@@ -206,7 +205,7 @@ class RetrievalHeads(Analysis):
     head_selection = ("threshold", 0.1)
 
     @classmethod
-    def check(cls, params: RetrievalParams, handle) -> None:
+    def check(cls, params: RetrievalParams, handle, registry) -> None:
         inputs = cls._inputs(params)
         too_long = [n for n in params.lengths if n + params.max_new_tokens > handle.max_positions]
         if too_long:
@@ -235,7 +234,7 @@ class RetrievalHeads(Analysis):
 
     def run(self, ctx: RunContext, params: RetrievalParams) -> Finding:
         handle = ctx.model
-        self.check(params, handle)
+        self.check(params, handle, ctx.registry)
         inputs = self._inputs(params)
         builder = HaystackBuilder(handle.tokenizer, inputs.documents, params.template)
         stops = stop_token_ids(handle, stop_at_newline=True)
@@ -456,8 +455,3 @@ class RetrievalHeads(Analysis):
     def _masked_accuracy(self, handle, test, heads, max_new_tokens, stops) -> float:
         result = self._generate(handle, test, max_new_tokens, stops, [UniformAttention(heads)])
         return rouge1_recall(test.needle.answer, handle.decode(result.tokens[0]).strip())
-
-
-@hookimpl
-def register_analyses(register):
-    register(RetrievalHeads)

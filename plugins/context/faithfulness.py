@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import tracing as T
-from .context_data import NEUTRAL_TEXTS, ContextExample
-from .errors import InvalidParamsError
-from .models import ModelHandle
+from headscope.core import tracing as T
+from headscope.core.errors import InvalidParamsError
+from headscope.core.models import ModelHandle
+from headscope.core.spans import CharSpan, MarkedPrompt, mark
+
+from .data import NEUTRAL_TEXTS, ContextExample
 from .modulation import Modulation, generate_marked
-from .spans import CharSpan, MarkedPrompt, mark
 
 Progress = Callable[[int, int, str], None]
 
