@@ -10,7 +10,7 @@ Each head costs a forward pass over the prompts; `patch_every_head` packs many
 patched copies of the prompt batch into one pass (`RowHeadPatch`: copy i patches
 head i). Attribution patching approximates the noising effect of every head at
 once from one forward-and-backward on the clean prompts and one forward on the
-corrupted ones (`core.gradients`).
+corrupted ones (`gradients`).
 """
 
 from __future__ import annotations

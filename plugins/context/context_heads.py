@@ -1,8 +1,8 @@
 """context-heads: how much each head attends to a marked context.
 
 On the calibration split of a context-faithfulness dataset (built-in sets are
-generated from the run seed; see `core.context_data`), every head gets three
-scores (`core.context_sensitivity`): attention mass on the context from the rows
+generated from the run seed; see `data`), every head gets three
+scores (`sensitivity`): attention mass on the context from the rows
 after it, the same from the answer row alone, and the Lookback-Lens ratio of
 attention on the context to attention on generated tokens while answering.
 `attention-modulation` can steer the top heads of such a run (`from_run`).

@@ -5,7 +5,8 @@ haystack prose, so that the whole prompt (haystack, needle, question, template)
 is at most `length` tokens of the model's tokenizer. The needle goes in at the
 sentence boundary at or before the target depth: the last token whose text ends
 a sentence, found from the tokenizer's offsets (no hard-coded token ids). The
-answer span (the words to copy) is located in token space from the same offsets.
+answer span (the words to copy) is located in token space from the same offsets
+(`core.spans`, as every marked span is).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from headscope.core.errors import InvalidParamsError
 from headscope.core.jsonl import read_jsonl
+from headscope.core.spans import CharSpan, resolve
 
 DEFAULT_TEMPLATE = (
     "{context}\n\nAnswer the question using the text above.\n"
@@ -196,7 +198,10 @@ class HaystackBuilder:
         answer_start = needle_start + needle.needle.index(needle.answer)
         answer_end = answer_start + len(needle.answer)
         prompt_ids, prompt_offsets = self._encode(prompt, special=True)
-        span = _token_span(prompt_offsets, answer_start, answer_end)
+        covered = resolve(
+            [CharSpan(answer_start, answer_end)], len(prompt_ids), prompt_offsets, len(prompt)
+        )
+        span = (covered[0], covered[-1] + 1)
         return NeedleTest(index, needle, length, depth, prompt, prompt_ids, span, needle_start)
 
     def _insertion_char(self, haystack: str, offsets: list[tuple[int, int]], depth: float) -> int:
@@ -207,11 +212,3 @@ class HaystackBuilder:
             if _SENTENCE_END.search(haystack[max(0, end - 3) : end]):
                 return end
         return 0
-
-
-def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    """Tokens [first, last+1) whose characters overlap [start, end)."""
-    covering = [i for i, (a, b) in enumerate(offsets) if b > start and a < end and b > a]
-    if not covering:
-        raise InvalidParamsError("the answer span could not be located in the prompt's tokens")
-    return covering[0], covering[-1] + 1
