@@ -19,7 +19,7 @@ import torch
 from headscope.core.errors import HeadscopeError
 from headscope.core.metrics import TokenMetric
 from headscope.core.models import ModelHandle, import_nnsight
-from headscope.core.tracing import Batch, _trace_kwargs
+from headscope.core.tracing import Batch, trace_kwargs
 
 
 @dataclass
@@ -46,7 +46,7 @@ def head_output_gradients(
     inputs["logits_to_keep"] = 1
     with handle.lock, torch.enable_grad():
         saved = _trace_gradients(
-            handle.model, inputs, handle.adapter, layers, metric, _trace_kwargs(handle)
+            handle.model, inputs, handle.adapter, layers, metric, trace_kwargs(handle)
         )
     values, acts, grads = saved
     shape = (batch.size, batch.width, handle.n_heads, handle.head_dim)
