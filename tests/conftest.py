@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny model handles, an isolated data directory, the real model."""
+"""Shared fixtures: an isolated data directory, the real model, the plugin packages.
+
+Plain helpers (tiny model handles, references, CLI and RPC runners) live in `helpers`.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # for `import reference`
-
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-_TINY: dict[str, object] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -24,17 +23,6 @@ def isolated_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("HEADSCOPE_DB", raising=False)
     monkeypatch.setenv("HEADSCOPE_LOAD_PLUGINS", os.environ.get("HEADSCOPE_TEST_PLUGINS", ""))
     yield
-
-
-def tiny_handle(family: str):
-    """A tiny model handle per family, loaded once per test session."""
-    from headscope.core.models import load_model
-
-    if family not in _TINY:
-        _TINY[family] = load_model(f"tiny-{family}")
-    handle = _TINY[family]
-    handle.remote = False
-    return handle
 
 
 @pytest.fixture(scope="session")

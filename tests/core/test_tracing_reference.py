@@ -14,8 +14,8 @@ import torch
 from headscope.core import attention as attn_math
 from headscope.core import tracing as T
 
-from conftest import tiny_handle
-from reference import (
+from helpers.models import tiny_handle
+from helpers.reference import (
     BIAS_SPEC,
     FAMILIES,
     RECORDED,

@@ -1,4 +1,4 @@
-"""Tasks: the JSONL format and its errors, pairing and checks, built-in tasks, the metric."""
+"""Tasks: the JSONL format and its errors, pairing and checks, the metric."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from headscope.core.metrics import TokenMetric
 from headscope.core.plugins import build_registry
 from headscope.core.tasks import JsonlTask, prepare_task, score_task
 from headscope.core.tracing import forward, make_batch
-from headscope.plugins.circuits.tasks import later_and_earlier, year_tokens
 
-from conftest import tiny_handle
+from helpers.models import tiny_handle
 
 
 def write_jsonl(path, rows):
@@ -96,50 +95,6 @@ def test_labelled_examples_pair_positives_with_negatives_of_equal_length(tmp_pat
     }
 
 
-def test_greater_than_on_a_digit_tokenizer():
-    handle = tiny_handle("gpt2")  # byte tokenizer: digits are single tokens
-    task = build_registry().task("greater-than")
-    data = prepare_task(handle, task, 6, np.random.default_rng(1))
-    assert len(data) == 6
-    for pair in data.pairs:
-        start = pair.example.prompt.split("year ")[1][2:4]
-        assert pair.example.corrupted.split("year ")[1][:4].endswith("01")
-        later, earlier = (handle.decode(list(ids)) for ids in (pair.answers, pair.distractors))
-        tens = int(start[0])
-        assert later == "".join(str(d) for d in range(tens + 1, 10))
-        assert earlier == "".join(str(d) for d in range(tens))
-        assert len(pair.clean) == len(pair.corrupted)
-
-
-class _Vocabulary:
-    """A tokenizer stand-in knowing a fixed set of single tokens."""
-
-    def __init__(self, tokens):
-        self.ids = {t: i for i, t in enumerate(tokens)}
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [self.ids[text]] if text in self.ids else [0, 0]}
-
-
-def test_year_token_modes():
-    assert year_tokens(_Vocabulary([f"{y:02d}" for y in range(100)])) == "two-digit"
-    assert year_tokens(_Vocabulary([str(d) for d in range(10)])) == "digit"
-    with pytest.raises(InvalidParamsError, match="neither"):
-        year_tokens(_Vocabulary(["1", "2"]))
-    later, earlier = later_and_earlier(32, "two-digit")
-    assert (
-        later[0] == "33" and later[-1] == "99" and earlier == tuple(f"{y:02d}" for y in range(32))
-    )
-    assert later_and_earlier(32, "digit") == (tuple("456789"), tuple("012"))
-
-
-def test_ioi_needs_single_token_names():
-    with pytest.raises(InvalidParamsError, match="names that are single tokens"):
-        prepare_task(
-            tiny_handle("llama"), build_registry().task("ioi"), 4, np.random.default_rng(0)
-        )
-
-
 def test_token_metric_and_task_scores_match_plain_logits(tmp_path):
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.0, -1.0, 2.0]])
     diff = TokenMetric.from_tokens([[3], [0, 1]], [[0, 1], [2]], "logit_diff")
@@ -161,22 +116,3 @@ def test_token_metric_and_task_scores_match_plain_logits(tmp_path):
         expected = last[pair.answers[0]] - last[pair.distractors[0]]
         assert float(scores.clean[i]) == pytest.approx(float(expected), abs=1e-4)
         assert bool(scores.top1_correct[i]) == (int(last.argmax()) == pair.answers[0])
-
-
-@pytest.mark.real_model
-def test_builtin_tasks_on_smollm2(smollm2):
-    registry = build_registry()
-    ioi = prepare_task(smollm2, registry.task("ioi"), 8, np.random.default_rng(0))
-    assert len(ioi) == 8 and not ioi.dropped
-    orders = set()
-    for pair in ioi.pairs:
-        assert len(pair.clean) == len(pair.corrupted)
-        io, subject = pair.answers[0], pair.distractors[0]
-        assert pair.clean.count(subject) == 2 and pair.clean.count(io) == 1
-        assert pair.corrupted.count(subject) == 1 and pair.corrupted.count(io) == 1
-        orders.add(pair.clean.index(io) < pair.clean.index(subject))
-    assert orders == {True, False}  # ABBA and BABA
-    scores = score_task(smollm2, ioi).summary()
-    assert scores["accuracy"] >= 0.9
-    gt = prepare_task(smollm2, registry.task("greater-than"), 8, np.random.default_rng(0))
-    assert score_task(smollm2, gt).summary()["accuracy"] >= 0.9

@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 
-from cli_helpers import run_cli
-
 from headscope.storage.store import Store
+
+from helpers.cli import run_cli
 
 
 def test_kill_during_a_run_keeps_the_database_and_earlier_runs(plugin_path, tmp_path, capsys):

@@ -20,8 +20,8 @@ from headscope.plugins.circuits.gradients import head_output_gradients
 from headscope.plugins.circuits.head_results import head_results
 from headscope.plugins.circuits.patching import attribute_every_head, patch_every_head
 
-from conftest import tiny_handle
-from reference import FAMILIES, capture_o_inputs, dims, eager_model, hooks, out_proj
+from helpers.models import tiny_handle
+from helpers.reference import FAMILIES, capture_o_inputs, dims, eager_model, hooks, out_proj
 
 CLEAN = ["When Mary and John went out", "A quick test of patching.", "Third prompt"]
 CORRUPT = ["When Alex and Sam went home", "A quack text of matching.", "Other prompt"]

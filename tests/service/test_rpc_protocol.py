@@ -19,7 +19,7 @@ from headscope.core.rpc.http import check_binding, is_loopback
 from headscope.core.rpc.protocol import Endpoint, RpcMethod
 from headscope.core.rpc.stdio import serve_stdio
 
-DOCS = Path(__file__).parent.parent / "docs" / "rpc.md"
+DOCS = Path(__file__).parents[2] / "docs" / "rpc.md"
 
 
 class Echo(BaseModel):
@@ -228,7 +228,7 @@ def test_request_check_agrees_with_the_json_rpc_schema():
 
 
 def test_serve_rejects_bad_options_in_one_line(capsys):
-    from cli_helpers import run_cli
+    from helpers.cli import run_cli
 
     for args, problem in [
         (("--port", "70000"), "not a TCP port"),

@@ -10,9 +10,10 @@ import signal
 import time
 
 import pytest
-from rpc_helpers import RpcError, Server
 
 from headscope.storage.store import Store
+
+from helpers.rpc import RpcError, Server
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from headscope.core import tracing as T
 from headscope.core.models import load_model
 
-from reference import assert_rows_match_eager
+from helpers.reference import assert_rows_match_eager
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("HEADSCOPE_TEST_GEMMA3") != "1", reason="set HEADSCOPE_TEST_GEMMA3=1 to run"

@@ -23,8 +23,15 @@ from headscope.plugins.context.modulation import (
     prompt_sinks,
 )
 
-from conftest import tiny_handle
-from reference import BIAS_SPEC, FAMILIES, biased_model, eager_model, greedy, local_and_remote
+from helpers.models import tiny_handle
+from helpers.reference import (
+    BIAS_SPEC,
+    FAMILIES,
+    biased_model,
+    eager_model,
+    greedy,
+    local_and_remote,
+)
 
 PROMPT = "Context: the door code is 4821. Question: what is the code? Answer:"
 CONTEXT = "the door code is 4821."

@@ -26,8 +26,8 @@ from headscope.plugins.context.faithfulness import (
 from headscope.plugins.context.modulation import Modulation, generate_marked
 from headscope.plugins.context.sensitivity import context_sensitivity
 
-from conftest import tiny_handle
-from reference import BIAS_SPEC, biased_model, eager_model
+from helpers.models import tiny_handle
+from helpers.reference import BIAS_SPEC, biased_model, eager_model
 
 EXAMPLES = [
     ContextExample("The sky is green.", "What colour is the sky?", "green", "blue", "The sky is"),

@@ -10,8 +10,8 @@ from headscope.core.analysis import RunContext
 from headscope.core.tracing import AttentionPatternScores, forward, make_batch
 from headscope.plugins.head_detector import HeadDetector, HeadDetectorParams
 
-from conftest import tiny_handle
-from reference import eager_model
+from helpers.models import tiny_handle
+from helpers.reference import eager_model
 
 
 def tl_scores(attention: torch.Tensor, tokens: list[int]) -> dict[str, torch.Tensor]:

@@ -12,8 +12,8 @@ import torch
 
 from headscope.core import tracing as T
 
-from conftest import tiny_handle
-from reference import local_and_remote
+from helpers.models import tiny_handle
+from helpers.reference import local_and_remote
 
 PROMPTS = ["Remote execution check, one.", "And two"]
 

@@ -18,7 +18,7 @@ from headscope.core.errors import (
 from headscope.core.model_sources import PyPIGGUF, WheelFile
 from headscope.core.models import ModelRegistry, builtin_model_specs, load_model
 
-from conftest import tiny_handle
+from helpers.models import tiny_handle
 
 
 def registry():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_helpers import run_cli
+
+from helpers.cli import run_cli
 
 # Byte-level tiny models: answers are single characters; corruptions keep the length.
 ROWS = [

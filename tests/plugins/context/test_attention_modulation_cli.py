@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from cli_helpers import run_cli
+
+from helpers.cli import run_cli
 
 SMALL = ["-p", "n_examples=6", "-p", "batch_size=6"]
 

@@ -13,9 +13,10 @@ import time
 import httpx
 import jsonschema
 import pytest
-from rpc_helpers import RpcError, Server, request
 
 from headscope.storage.store import Store
+
+from helpers.rpc import RpcError, Server, request
 
 TINY_DETECTOR = {
     "n_random": 1,

@@ -7,7 +7,7 @@ import pytest
 from headscope.core import tracing as T
 from headscope.core.models import load_model
 
-from reference import assert_rows_match_eager
+from helpers.reference import assert_rows_match_eager
 
 pytestmark = pytest.mark.real_model
 
@@ -42,7 +42,7 @@ def test_attention_rows_on_the_real_model_match_eager(smollm2):
 
 
 def test_head_detector_on_smollm2_stores_all_270_heads(capsys, tmp_path):
-    from cli_helpers import run_cli
+    from helpers.cli import run_cli
 
     db = str(tmp_path / "real.db")
     result = run_cli(

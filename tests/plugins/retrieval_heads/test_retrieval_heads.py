@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cli_helpers import run_cli
 
 from headscope.core import tracing as T
 from headscope.plugins.retrieval_heads.analysis import (
@@ -28,7 +27,8 @@ from headscope.plugins.retrieval_heads.reference import (
     reference_scores,
 )
 
-from conftest import tiny_handle
+from helpers.cli import run_cli
+from helpers.models import tiny_handle
 
 NEEDLE = Needle(
     "The name of the captain's parrot was Admiral Pickles.",

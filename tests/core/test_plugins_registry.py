@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from cli_helpers import run_cli, run_cli_process
 
 from headscope.core.plugins import build_registry
+
+from helpers.cli import run_cli, run_cli_process
 
 
 @pytest.fixture
