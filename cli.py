@@ -585,7 +585,9 @@ def plugins_command(format: str = FormatOption()) -> None:
         return
     table = _table("plugins", ("name", "version", "hooks", "provides", "status"))
     for info in infos:
-        provides = ", ".join(info.analyses + info.models + info.tasks)
+        provides = ", ".join(
+            info.analyses + info.models + info.tasks + info.rpc_methods + info.commands
+        )
         name = info.name + (" (built-in)" if info.builtin else "")
         status = "[red]failed to load[/]" if info.error else "ok"
         table.add_row(name, info.version or "", ", ".join(info.hooks), provides, status)

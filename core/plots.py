@@ -1,16 +1,24 @@
-"""Figures: layer x head heatmaps and simple curves (matplotlib, no display needed)."""
+"""Figures: layer x head heatmaps and simple curves (matplotlib, no display needed).
+
+matplotlib loads on the first figure, not with the plugins that may draw one, so
+commands that draw nothing start quickly.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def scores_matrix(
@@ -32,6 +40,7 @@ def head_heatmap(matrix: np.ndarray, title: str, label: str = "score", annotate_
     layers, heads = matrix.shape
     height = max(3.0, min(12.0, 0.28 * layers + 1.5))
     width = max(4.0, min(14.0, 0.5 * heads + 2.5))
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(width, height))
     image = axes.imshow(
         matrix, aspect="auto", cmap="viridis", origin="upper", interpolation="nearest"
@@ -58,6 +67,7 @@ def line_plot(
     series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str
 ):
     """Curves sharing axes: {label: (x, y)}."""
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, (x, y) in series.items():
         axes.plot(x, y, marker="o", label=label)

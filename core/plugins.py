@@ -103,20 +103,37 @@ class Registry:
 
     def register_commands(self, app: Any, kit: Any) -> None:
         """Let every plugin add its CLI commands to `app` (a Typer app); `kit` is what
-        the CLI shares with them (registry, store, model loading, output)."""
+        the CLI shares with them (registry, store, model loading, output). A command
+        whose name is taken is dropped and reported as that plugin's error."""
         if self._manager is None:
             return
         infos = {info.name: info for info in self.plugins}
         for impl in self._manager.hook.register_commands.get_hookimpls():
             info = infos[impl.plugin_name]
-            before = {command.name for command in app.registered_commands}
+            if "register_commands" not in info.hooks:
+                info.hooks.append("register_commands")
+            taken = {_command_name(c) for c in app.registered_commands}
+            taken |= {g.name for g in app.registered_groups}
+            before = len(app.registered_commands)
             try:
                 impl.function(**_accepted(impl, app=app, kit=kit))
             except Exception as error:
                 info.add_error(f"register_commands: {type(error).__name__}: {error}")
-            info.commands = sorted({c.name for c in app.registered_commands} - before)
-            if "register_commands" not in info.hooks:
-                info.hooks.append("register_commands")
+            added = app.registered_commands[before:]
+            del app.registered_commands[before:]
+            for command in added:
+                name = _command_name(command)
+                if name in taken:
+                    info.add_error(f"register_commands: {name!r} is already a command")
+                    continue
+                taken.add(name)
+                app.registered_commands.append(command)
+                info.commands.append(name)
+
+
+def _command_name(command: Any) -> str:
+    """A Typer command's name: given, or made from its function's name."""
+    return command.name or command.callback.__name__.replace("_", "-")
 
 
 def _accepted(impl: Any, **arguments: Any) -> dict[str, Any]:

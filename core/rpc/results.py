@@ -22,6 +22,7 @@ class PluginEntry(BaseModel):
     analyses: list[str]
     models: list[str]
     tasks: list[str]
+    rpc_methods: list[str]
     error: str | None = Field(description="Why the plugin failed to load (then it is skipped).")
 
 

@@ -270,7 +270,7 @@ class SinkCalibration(Intervention):
     sinks, sink logits get log(beta * (1 - S) / (1 - beta * S)).
 
     `sinks` maps layer -> bool [b, H, width] over padded prompt columns (see
-    `AttentionReceived` and `core.modulation.find_sinks`); generated tokens are
+    `AttentionReceived`, as the context family's `find_sinks` does); generated tokens are
     never sinks. `query_from` limits the steered prefill rows as in `AttentionBias`.
     """
 

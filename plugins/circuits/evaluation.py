@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 Head = tuple[int, int]
 
@@ -43,6 +42,8 @@ def evaluate_ranking(scores: np.ndarray, reference: set[Head]) -> dict[str, Any]
     order = sorted(range(flat.size), key=lambda i: (-flat[i], heads[i]))
     top = {heads[i] for i in order[: len(reference)]}
     top_precision, top_recall = precision_recall(top, reference)
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     fpr, tpr, thresholds = roc_curve(labels, flat)
     best = int(np.argmax(tpr - fpr))
     cut = float(thresholds[best])

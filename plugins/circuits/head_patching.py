@@ -24,7 +24,6 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.stats import spearmanr
 
 from headscope.core.analysis import Analysis, Finding, RunContext
 from headscope.core.plots import head_heatmap
@@ -129,6 +128,8 @@ def reference_effects(
         out[f"{direction}_effect"] = effect / gap
     out["importance"] = torch.stack([e.abs() / abs(gap) for e in result.effects.values()]).amax(0)
     if "noising" in result.effects:
+        from scipy.stats import spearmanr
+
         rho = spearmanr(attribution.flatten(), result.effects["noising"].flatten()).statistic
         out["attribution_spearman"] = float(rho)
     return out

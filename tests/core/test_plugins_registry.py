@@ -88,3 +88,60 @@ def test_plugins_in_a_fresh_process(plugin_path, tmp_path):
     listed = run_cli_process("plugins", "--format", "json", env=env)
     assert listed.code == 0, listed.err
     assert {p["name"] for p in listed.json()} >= {"example", "broken"}
+
+
+def test_out_of_tree_plugin_adds_a_cli_command(with_plugins, capsys):
+    result = run_cli(capsys, "example-heads", "-m", "tiny-llama", "-f", "json")
+    assert result.code == 0, result.err
+    assert result.json() == {"model": "tiny-llama", "layers": 3, "query_heads": 4, "kv_heads": 2}
+    listed = run_cli(capsys, "plugins", "--format", "json").json()
+    example = next(p for p in listed if p["name"] == "example")
+    assert example["commands"] == ["example-heads"]
+    assert "register_commands" in example["hooks"]
+    assert example["rpc_methods"] == ["example.heads"]
+    assert "example-heads" in run_cli(capsys, "--help").out
+
+
+def test_builtin_families_ship_their_commands_and_rpc_methods():
+    registry = build_registry()
+    context = next(info for info in registry.plugins if info.name == "context")
+    assert context.builtin and context.rpc_methods == ["generate.steer"]
+    assert [m.name for m in registry.rpc_methods] == ["generate.steer"]
+
+
+def test_a_command_name_already_taken_is_the_plugins_error():
+    import pluggy
+    import typer
+
+    from headscope import hookimpl
+    from headscope.core import hookspecs
+    from headscope.core.plugins import PluginInfo, Registry
+
+    class Greedy:
+        @hookimpl
+        def register_commands(self, app):
+            @app.command("run")
+            def replace_run():
+                """Would shadow the built-in `run`."""
+
+            @app.command()
+            def greedy_hello():
+                """A new command."""
+
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    manager.register(Greedy(), name="greedy")
+    registry = Registry(manager)
+    registry.plugins = [PluginInfo("greedy", "1", builtin=False)]
+    app = typer.Typer()
+
+    @app.command("run")
+    def builtin_run():
+        """The built-in one."""
+
+    registry.register_commands(app, kit=None)
+    commands = {c.name or c.callback.__name__: c.callback for c in app.registered_commands}
+    assert commands == {"run": builtin_run, "greedy_hello": commands["greedy_hello"]}
+    info = registry.plugins[0]
+    assert info.commands == ["greedy-hello"]
+    assert "'run' is already a command" in info.error

@@ -106,3 +106,22 @@ def test_restart_marks_runs_of_a_dead_server_interrupted(tmp_path, plugin_env):
         assert second.stop(signal.SIGTERM, timeout=60) == 0
     runs = {run.id: run for run in Store(str(db)).list_runs()}
     assert runs[running].status == "interrupted" and runs[queued].status == "interrupted"
+
+
+def test_a_plugin_rpc_method_is_served_and_published(tmp_path, plugin_env):
+    server = Server(tmp_path / "method.db", env=plugin_env)
+    client = server.client()
+    try:
+        shape = client.call("example.heads", model="tiny-llama")
+        assert shape == {"model": "tiny-llama", "layers": 3, "query_heads": 4, "kv_heads": 2}
+        with pytest.raises(RpcError) as bad:
+            client.call("example.heads", model=3)
+        assert bad.value.code == -32602
+        names = [m["name"] for m in client.call("rpc.discover")["methods"]]
+        assert names.index("generate.steer") < names.index("example.heads")
+        assert names[-1] == "rpc.discover"
+        plugins = {p["name"]: p for p in client.call("plugins.list")}
+        assert plugins["example"]["rpc_methods"] == ["example.heads"]
+    finally:
+        client.close()
+        server.stop()

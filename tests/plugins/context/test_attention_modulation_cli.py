@@ -135,6 +135,8 @@ def test_steer_prints_baseline_and_steered_side_by_side(capsys):
         (["--span", "0:4", "-p", "heads=[[9,0]]"], "layer 9 out of range"),
         (["--span", "0:4", "-p", "heads=one"], "LAYER.HEAD"),
         (["--span", "0:4", "-p", "form=other"], "form"),
+        (["--span", "0:4", "-p", "strength=1"], "strength"),
+        (["--span", "0:4", "-p", "max_layer=0"], "below min_layer"),
         ([], "mark the context"),
     ],
 )
