@@ -8,8 +8,8 @@ from pydantic import BaseModel, Field
 
 from headscope.core.analysis import FindingsReader
 from headscope.core.models import DEFAULT_MODEL
+from headscope.core.rpc import RpcMethod
 from headscope.core.rpc import errors as codes
-from headscope.core.rpc.protocol import RpcMethod
 
 from .steering import SteeringRequest, steer
 
