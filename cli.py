@@ -203,11 +203,38 @@ def read_params_file(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise InvalidParamsError(f"params file not found: {path}") from None
+    except IsADirectoryError:
+        raise InvalidParamsError(f"params file {path} is a folder") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidParamsError(f"cannot read params file {path}: {error}") from None
     except json.JSONDecodeError as error:
         raise InvalidParamsError(f"params file {path} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise InvalidParamsError(f"params file {path} must hold a JSON object")
     return data
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def output_file(path: Path, what: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """A file we are about to write, checked before any work: not a folder, a
+    known suffix, its parent folders created, and writable. Every command that
+    writes a file goes through here, so they all behave alike."""
+    if path.is_dir():
+        raise InvalidParamsError(f"{what} {path} is a folder; give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise InvalidParamsError(f"{what} {path}: use a {', '.join(suffixes)} file name")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise InvalidParamsError(f"cannot write {what} {path}: {error.strerror}") from None
+    if not existed:
+        path.unlink()
+    return path
 
 
 @app.command("run")
@@ -221,7 +248,7 @@ def run_command(
     seed: int = typer.Option(0, "--seed", help="Seed for every random choice in the run."),
     format: str = FormatOption(),
     plot: Path | None = typer.Option(
-        None, "--plot", help="Also write the primary-metric heatmap PNG here."
+        None, "--plot", help="Also write the primary-metric heatmap here (.png, .pdf or .svg)."
     ),
     db: str | None = DbOption(),
 ) -> None:
@@ -232,6 +259,8 @@ def run_command(
     _check_format(format, ("table", "json"))
     registry = kit.registry()
     params = kit.parse_params(param, params_file)
+    if plot is not None:
+        output_file(plot, "plot file", PLOT_SUFFIXES)
     prepared = jobs.prepare(registry, analysis, model, params, seed)
     store = kit.store(db)
     show = format != "json"
@@ -239,24 +268,34 @@ def run_command(
         handle = load_spec(registry.models.resolve(model), progress)
         jobs.check_against_model(prepared, handle, registry)
         run_id = jobs.record(store, prepared)
-        summary = jobs.execute(
-            store,
-            registry,
-            run_id,
-            prepared,
-            model_loader=lambda: handle,
-            progress=lambda done, total, message: progress(analysis, done, total),
-        )
+        try:
+            summary = jobs.execute(
+                store,
+                registry,
+                run_id,
+                prepared,
+                model_loader=lambda: handle,
+                progress=lambda done, total, message: progress(analysis, done, total),
+            )
+        except KeyboardInterrupt:
+            err_console.print(f"Interrupted: run {run_id} is stored as interrupted.")
+            raise SystemExit(130) from None
+    plot_error = None
     if plot is not None and summary.status == "succeeded":
-        _write_plot(store, registry, run_id, None, plot)
+        try:
+            _write_plot(store, registry, run_id, None, plot)
+        except (HeadscopeError, OSError) as error:  # the run is stored: still show it
+            plot_error = f"run {run_id} is stored, but its heatmap was not written: {error}"
     if format == "json":
         from .core.runs import run_document
 
         _emit_json(run_document(store, run_id))
     else:
         _print_run(store, registry, run_id, top=10)
-        if plot is not None and summary.status == "succeeded":
+        if plot is not None and summary.status == "succeeded" and plot_error is None:
             console.print(f"heatmap written to {plot}")
+    if plot_error is not None:
+        raise InvalidParamsError(plot_error)
     if summary.status != "succeeded":
         raise SystemExit(1)
 
@@ -417,7 +456,7 @@ def runs_export(
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text)
+        output_file(output, "export file").write_text(text)
         err_console.print(f"wrote {output}")
 
 
@@ -516,7 +555,6 @@ def _write_plot(store, registry, run_id: int, metric: str | None, output: Path) 
         )
     matrix = scores_matrix(store.head_scores(run_id, chosen))
     figure = head_heatmap(matrix, f"run {run_id}: {run.analysis} on {run.model} — {chosen}", chosen)
-    output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=120, bbox_inches="tight")
     return chosen
 
@@ -525,7 +563,7 @@ def _write_plot(store, registry, run_id: int, metric: str | None, output: Path) 
 def plot_command(
     run_id: int = typer.Argument(..., help="Run id."),
     output: Path = typer.Option(
-        Path("headscope-heatmap.png"), "--output", "-o", help="PNG file to write."
+        Path("headscope-heatmap.png"), "--output", "-o", help="Image to write (.png, .pdf or .svg)."
     ),
     metric: str | None = typer.Option(
         None, help="Head metric (default: the analysis's primary one)."
@@ -536,6 +574,7 @@ def plot_command(
     """Write a layer x head heatmap of one of a run's head metrics."""
 
     _check_format(format, ("table", "json"))
+    output_file(output, "plot file", PLOT_SUFFIXES)
     chosen = _write_plot(kit.store(db), kit.registry(), run_id, metric, output)
     if format == "json":
         _emit_json({"run_id": run_id, "metric": chosen, "path": str(output)})

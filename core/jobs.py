@@ -27,6 +27,8 @@ log = logging.getLogger("headscope.jobs")
 
 TRACKED_PACKAGES = ("torch", "transformers", "nnsight", "pluggy", "sqlalchemy", "numpy")
 
+INTERRUPTED_BY_USER = "interrupted (Ctrl-C)"
+
 # progress(done, total, message)
 ProgressCallback = Callable[[float, float | None, str], None]
 
@@ -142,6 +144,9 @@ def execute(
         )
     except CancelledError:
         store.fail_run(run_id, "cancelled", status="cancelled")
+    except KeyboardInterrupt:  # Ctrl-C in the CLI: say so now, not at the next start
+        store.fail_run(run_id, INTERRUPTED_BY_USER, status="interrupted")
+        raise
     except HeadscopeError as error:
         store.fail_run(run_id, str(error))
     except Exception as error:  # analysis bugs: keep the run, log the traceback

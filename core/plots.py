@@ -52,15 +52,38 @@ def head_heatmap(matrix: np.ndarray, title: str, label: str = "score", annotate_
     step = 1 if layers <= 32 else max(1, layers // 16)
     axes.set_yticks(range(0, layers, step))
     figure.colorbar(image, ax=axes, label=label)
-    if annotate_top and np.isfinite(matrix).any():
-        flat = np.where(np.isfinite(matrix), matrix, -np.inf).ravel()
-        for index in np.argsort(flat)[::-1][:annotate_top]:
-            layer, head = divmod(int(index), heads)
-            axes.add_patch(
-                plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5)
-            )
+    boxed = top_cells(matrix, annotate_top)
+    for layer, head in boxed:
+        axes.add_patch(
+            plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5)
+        )
+    if boxed:
+        outline = plt.Rectangle((0, 0), 1, 1, fill=False, edgecolor="red", lw=1.5)
+        axes.legend(
+            [outline],
+            [f"top {len(boxed)} heads"],
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.12 if layers > 8 else -0.2),
+            frameon=False,
+            fontsize=8,
+        )
     figure.tight_layout()
     return figure
+
+
+def top_cells(matrix: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """The (layer, head) cells of the k highest finite scores, leaving out ties at
+    the cut (which of them would be arbitrary) and cells at the map's minimum
+    (an all-zero map has no top heads)."""
+    finite = np.isfinite(matrix)
+    if k <= 0 or not finite.any():
+        return []
+    values = matrix[finite]
+    ranked = np.sort(values)[::-1]
+    floor = ranked[k] if k < ranked.size else -np.inf
+    chosen = finite & (matrix > floor) & (matrix > values.min())
+    cells = [(int(layer), int(head)) for layer, head in zip(*np.nonzero(chosen), strict=True)]
+    return sorted(cells, key=lambda cell: -matrix[cell])
 
 
 def line_plot(

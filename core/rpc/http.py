@@ -35,25 +35,35 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 DEFAULT_MAX_BYTES = 1024 * 1024
 PATHS = ("/rpc", "/")
+#: how long an unwanted body may pause before the connection is dropped
+DISCARD_WAIT_S = 2.0
+
+
+def host_addresses(host: str) -> set[str]:
+    """The addresses `host` names; a host that names none is a clear error."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        raise HeadscopeError(f"--host {host!r} is not an address or a known host name") from None
+    return {info[4][0].split("%")[0] for info in infos}
 
 
 def is_loopback(host: str) -> bool:
     """True when every address `host` names is a loopback address."""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    addresses = {info[4][0].split("%")[0] for info in infos}
+    addresses = host_addresses(host)
     return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 def check_binding(host: str, token: str | None) -> None:
-    """Refuse to listen beyond this machine without a token."""
+    """Refuse a host that names no address, and listening beyond this machine
+    without a token."""
     if not token and not is_loopback(host):
         raise HeadscopeError(
             f"--host {host} is reachable from other machines: set a bearer token with "
             "--token or HEADSCOPE_TOKEN"
         )
+    if token:
+        host_addresses(host)
 
 
 class RpcHTTPServer(ThreadingHTTPServer):
@@ -191,14 +201,22 @@ class _Handler(BaseHTTPRequestHandler):
         """Read and drop a body we will not use, up to `cap` bytes; past that, hang up.
 
         Closing with unread data would reset the connection and could lose our reply.
+        A client that announces more than it sends (a `Content-Length` of 10^10 with
+        a 2-byte body) is waited for `DISCARD_WAIT_S` per read, not the idle timeout.
         """
         left = min(length, cap)
-        while left > 0:
-            chunk = self.rfile.read(min(left, 65536))
-            if not chunk:
-                break
-            left -= len(chunk)
-        if length > cap:
+        self.connection.settimeout(DISCARD_WAIT_S)
+        try:
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except TimeoutError:
+            self.close_connection = True
+        finally:
+            self.connection.settimeout(self.timeout)
+        if length > cap or left > 0:
             self.close_connection = True
 
     def _reply(

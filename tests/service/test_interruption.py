@@ -80,3 +80,27 @@ def test_kill_during_a_run_keeps_the_database_and_earlier_runs(plugin_path, tmp_
     ).json()
     assert after["head_scores"] == before["head_scores"]
     assert after["metrics"] == before["metrics"]
+
+
+def test_ctrl_c_marks_the_run_interrupted_at_once(plugin_path, tmp_path):
+    db = tmp_path / "sigint.db"
+    env = {**os.environ, "PYTHONPATH": str(plugin_path), "HEADSCOPE_LOAD_PLUGINS": "example"}
+    command = [sys.executable, "-m", "headscope.cli", "run", "example-wait", "-m", "tiny-llama"]
+    command += ["-p", "seconds=120", "-f", "json", "--db", str(db)]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    store = Store(str(db))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        running = [r for r in store.list_runs(status="running") if (r.progress_done or 0) > 0]
+        if running:
+            break
+        time.sleep(0.2)
+    assert running, "the run never reported progress"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert f"run {running[0].id} is stored as interrupted" in err and "Traceback" not in err
+    run = store.get_run(running[0].id)
+    assert run.status == "interrupted" and "Ctrl-C" in run.error

@@ -139,6 +139,12 @@ def test_only_loopback_binds_without_a_token():
         check_binding("0.0.0.0", None)
 
 
+@pytest.mark.parametrize("token", [None, "token"])
+def test_a_host_that_names_no_address_says_so(token):
+    with pytest.raises(Exception, match="not an address or a known host name"):
+        check_binding("not a host", token)
+
+
 def _refs(node):
     if isinstance(node, dict):
         for key, value in node.items():

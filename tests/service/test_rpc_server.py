@@ -355,3 +355,14 @@ def test_stdio_answers_the_same_calls(tmp_path):
     finally:
         process.stdin.close()
         assert process.wait(timeout=60) == 0
+
+
+def test_a_body_announced_larger_than_it_is_gets_413_quickly(server):
+    host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+    started = time.monotonic()
+    with socket.create_connection((host, port), timeout=30) as raw:
+        raw.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n{}")
+        reply = raw.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413") and b"-32011" in reply
+    assert time.monotonic() - started < 30  # well before the 60 s idle timeout
+    assert server.client().call("runs.list", limit=1)["total"] >= 1
