@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,11 @@ app.add_typer(db_app, name="db")
 app.add_typer(analyses_app, name="analyses")
 app.add_typer(tasks_app, name="tasks")
 
-console = Console()
-err_console = Console(stderr=True)
+#: width of tables written to a pipe or file, where no terminal sets one: wide
+#: enough that names and numbers are not cut (a terminal's own width wins)
+PIPED_WIDTH = 200
+console = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH)
 
 FORMAT_HELP = "Output format: table for people, json for tools."
 DB_HELP = "Database URL or SQLite path (default: headscope.db in the user data dir)."
@@ -60,7 +64,12 @@ def DbOption():  # noqa: N802
 
 
 def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """JSON for tools: indented, or on one line with `headscope --compact`."""
+    if kit.compact_json:
+        text = json.dumps(data, separators=(",", ":"), default=str)
+    else:
+        text = json.dumps(data, indent=2, default=str)
+    sys.stdout.write(text + "\n")
 
 
 def _check_format(value: str, allowed: tuple[str, ...]) -> None:
@@ -71,6 +80,7 @@ def _check_format(value: str, allowed: tuple[str, ...]) -> None:
 @contextmanager
 def progress_bar(enabled: bool = True):
     """A rich progress display on stderr; yields `update(stage, done, total)`."""
+    quiet_library_progress()
     if not enabled:
         yield lambda stage, done, total: None
         return
@@ -80,6 +90,9 @@ def progress_bar(enabled: bool = True):
         TaskProgressColumn(),
         TimeElapsedColumn(),
     )
+    if not err_console.is_terminal:  # a log file or a pipe: a line now and then
+        yield _progress_lines()
+        return
     with Progress(*columns, console=err_console, transient=False) as bar:
         tasks: dict[str, int] = {}
 
@@ -89,6 +102,37 @@ def progress_bar(enabled: bool = True):
             bar.update(tasks[stage], completed=done, total=total)
 
         yield update
+
+
+def _progress_lines(every_s: float = 30.0):
+    """Progress as plain lines: each stage's start and end, every 10% and every
+    `every_s` seconds, so a piped or logged run still shows it is alive."""
+    started: dict[str, float] = {}
+    shown: dict[str, tuple[int, float]] = {}
+
+    def update(stage: str, done: float, total: float | None) -> None:
+        now = time.monotonic()
+        started.setdefault(stage, now)
+        tenth = int(10 * done / total) if total else 0
+        last_tenth, last_time = shown.get(stage, (-1, 0.0))
+        finished = bool(total) and done >= total
+        if tenth == last_tenth and now - last_time < every_s and not finished:
+            return
+        if finished and last_tenth == 10:
+            return
+        shown[stage] = (10 if finished else tenth, now)
+        amount = f"{100 * done / total:.0f}%" if total else f"{done:g}"
+        err_console.print(f"{stage}: {amount} ({now - started[stage]:.0f} s)", highlight=False)
+
+    return update
+
+
+def quiet_library_progress() -> None:
+    """transformers draws its own progress bars (loading, GGUF conversion); under
+    ours they only garble the display."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def ModelOption():  # noqa: N802
@@ -110,10 +154,12 @@ class CommandKit:
 
     def __init__(self) -> None:
         self._registry = None
+        self.compact_json = False
 
     def reset(self) -> None:
         """Forget the registry: each invocation sees the plugins installed now."""
         self._registry = None
+        self.compact_json = False
 
     def registry(self):
         if self._registry is None:
@@ -161,9 +207,20 @@ class CommandKit:
 kit = CommandKit()
 
 
+@app.callback()
+def global_options(
+    compact: bool = typer.Option(
+        False, "--compact", help="Write --format json output on one line instead of indented."
+    ),
+) -> None:
+    """Find, score and steer attention heads in transformer language models."""
+    kit.compact_json = compact
+
+
 def build_app(commands_kit: CommandKit | None = None) -> typer.Typer:
     """The built-in commands plus every plugin's (`register_commands`)."""
     full = typer.Typer(**APP_SETTINGS)
+    full.registered_callback = app.registered_callback
     full.registered_commands = list(app.registered_commands)
     full.registered_groups = list(app.registered_groups)
     commands_kit = commands_kit or kit
@@ -362,14 +419,19 @@ def _print_run(store, registry, run_id: int, top: int | None, metric: str | None
     if run.params:
         console.print("params: " + json.dumps(run.params, default=str), highlight=False)
     metrics = store.metrics(run_id)
-    if metrics:
+    tables = (run.summary or {}).get("tables", {})
+    # `<setting>.<metric>` metrics of a setting that a summary table has a row for
+    # are in that table: list each number once
+    settings = {str(row["setting"]) for rows in tables.values() for row in rows if "setting" in row}
+    listed = {n: v for n, v in metrics.items() if n.split(".", 1)[0] not in settings}
+    if listed:
         table = Table(title="metrics")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for name, value in metrics.items():
+        for name, value in listed.items():
             table.add_row(name, f"{value:.4g}")
         console.print(table)
-    for name, rows in (run.summary or {}).get("tables", {}).items():
+    for name, rows in tables.items():
         if rows:
             table = Table(title=name)
             for column in rows[0]:
@@ -379,6 +441,12 @@ def _print_run(store, registry, run_id: int, top: int | None, metric: str | None
                     *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
                 )
             console.print(table)
+    if len(listed) < len(metrics):
+        console.print(
+            f"{len(metrics) - len(listed)} more metrics per setting (setting.metric) "
+            "are stored: runs show --format json lists them",
+            highlight=False,
+        )
     metric_names = store.head_metrics(run_id)
     if not metric_names:
         return

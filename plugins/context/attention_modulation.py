@@ -204,7 +204,6 @@ class AttentionModulation(Analysis):
                     if m in result.metrics
                 }
             )
-            rows.append(row)
             if setting is not None:
                 for m in ("faithful_prob", "faithful_em"):
                     if m in result.metrics:
@@ -213,6 +212,9 @@ class AttentionModulation(Analysis):
                     f"{result.label}.perplexity_change",
                     result.metrics["perplexity"] / base["perplexity"] - 1.0,
                 )
+            row["faithful gain"] = finding.metrics.get(f"{result.label}.gain_faithful_prob", 0.0)
+            row["ppl change"] = finding.metrics.get(f"{result.label}.perplexity_change", 0.0)
+            rows.append(row)
         draws = [r.metrics for r in evaluations if r.label.startswith("random_heads_")]
         if draws:  # the random control's mean over draws, named as for one draw
             for name in draws[0]:

@@ -362,10 +362,6 @@ class RetrievalHeads(Analysis):
         finding.add_metric("retrieval_heads", int((flat > threshold).sum()))
         finding.add_metric("fraction_zero", float((flat == 0).double().mean()))
         finding.add_metric("max_retrieval_score", float(flat.max()))
-        finding.summary.setdefault("tables", {})["top retrieval heads"] = [
-            {"layer": layer, "head": head, "retrieval_score": round(float(scores[layer, head]), 4)}
-            for layer, head in top_heads(scores, 10)
-        ]
 
     # -- causal check ----------------------------------------------------------------------
     def _masking(
