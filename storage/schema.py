@@ -4,6 +4,9 @@ Findings are plain rows a SQL user can query without decoding blobs:
 per-head scores `(run_id, layer, head, metric, value)`, run metrics
 `(run_id, name, value)`, and artifacts by file reference. Changes to these
 tables go through a migration in `storage/migrations/versions`.
+
+Types are chosen to behave as SQLite does on every database: text without a
+length limit, 64-bit counts, and times read back as naive UTC.
 """
 
 from __future__ import annotations
@@ -11,12 +14,39 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """A zone-aware time column read back as naive UTC, the form SQLite returns;
+    PostgreSQL would return it in the session's time zone."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
 
 
 class Base(DeclarativeBase):
@@ -29,17 +59,17 @@ class ModelRecord(Base):
     __tablename__ = "models"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    revision: Mapped[str] = mapped_column(String(200))
-    family: Mapped[str | None] = mapped_column(String(50))
+    name: Mapped[str] = mapped_column(Text)
+    revision: Mapped[str] = mapped_column(Text)
+    family: Mapped[str | None] = mapped_column(Text)
     layers: Mapped[int | None] = mapped_column(Integer)
     query_heads: Mapped[int | None] = mapped_column(Integer)
     kv_heads: Mapped[int | None] = mapped_column(Integer)
     head_dim: Mapped[int | None] = mapped_column(Integer)
     max_positions: Mapped[int | None] = mapped_column(Integer)
-    parameters: Mapped[int | None] = mapped_column(Integer)
+    parameters: Mapped[int | None] = mapped_column(BigInteger)
     source: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (Index("ix_models_name_revision", "name", "revision", unique=True),)
 
@@ -50,26 +80,26 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    analysis: Mapped[str] = mapped_column(String(200), index=True)
-    analysis_version: Mapped[str] = mapped_column(String(50))
-    plugin: Mapped[str | None] = mapped_column(String(200))
+    analysis: Mapped[str] = mapped_column(Text, index=True)
+    analysis_version: Mapped[str] = mapped_column(Text)
+    plugin: Mapped[str | None] = mapped_column(Text)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
-    model_name: Mapped[str] = mapped_column(String(200), index=True)
-    model_revision: Mapped[str | None] = mapped_column(String(200))
+    model_name: Mapped[str] = mapped_column(Text, index=True)
+    model_revision: Mapped[str | None] = mapped_column(Text)
     packages: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    seed: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20), index=True)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(Text, index=True)
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     duration_seconds: Mapped[float | None] = mapped_column(Float)
     progress_done: Mapped[float | None] = mapped_column(Float)
     progress_total: Mapped[float | None] = mapped_column(Float)
     progress_message: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    owner_host: Mapped[str | None] = mapped_column(String(255))
+    owner_host: Mapped[str | None] = mapped_column(Text)
     owner_pid: Mapped[int | None] = mapped_column(Integer)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
@@ -82,7 +112,7 @@ class HeadScore(Base):
     __tablename__ = "head_scores"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    metric: Mapped[str] = mapped_column(String(100), primary_key=True)
+    metric: Mapped[str] = mapped_column(Text, primary_key=True)
     layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     head: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[float] = mapped_column(Float)
@@ -96,7 +126,7 @@ class RunMetric(Base):
     __tablename__ = "run_metrics"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
     value: Mapped[float] = mapped_column(Float)
 
 
@@ -107,9 +137,9 @@ class ArtifactRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(String(200))
-    media_type: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(Text)
+    media_type: Mapped[str] = mapped_column(Text)
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
     description: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -8,6 +8,7 @@ whole result or none of it, and never touches other runs.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, bindparam, delete, func, insert, select, update
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..core.errors import HeadscopeError, RunNotFoundError
+from ..core.errors import RunNotFoundError
 from ..core.paths import data_dir
 from ..core.runs import FINISHED, RunSummary
 from .db import database_path, database_url, make_engine, upgrade
@@ -65,10 +66,7 @@ class Store:
         self.url = database_url(url)
         self.engine = make_engine(self.url)
         if migrate:
-            try:
-                upgrade(self.engine)
-            except DatabaseError as error:
-                raise HeadscopeError(f"cannot open database {self.url}: {error.orig}") from None
+            upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -86,6 +84,13 @@ class Store:
 
     # -- models ----------------------------------------------------------------------
     def ensure_model(self, info: dict[str, Any]) -> int:
+        """The id of the model's row, added if new."""
+        try:
+            return self._ensure_model(info)
+        except IntegrityError:  # another process added the same model meanwhile
+            return self._ensure_model(info)
+
+    def _ensure_model(self, info: dict[str, Any]) -> int:
         with self.session() as session, session.begin():
             existing = session.scalar(
                 select(ModelRecord).where(
@@ -198,12 +203,19 @@ class Store:
         artifacts: Sequence[dict[str, Any]] = (),
         summary: dict[str, Any] | None = None,
     ) -> None:
-        """Write all findings and mark the run succeeded, in one transaction."""
+        """Write all findings and mark the run succeeded, in one transaction.
+
+        A NaN finding is refused before anything is written, on every database
+        (SQLite cannot store NaN; PostgreSQL would rank it above every number).
+        """
         score_rows = [
             {"run_id": run_id, "layer": int(l), "head": int(h), "metric": m, "value": float(v)}
             for l, h, m, v in head_scores  # noqa: E741
         ]
         metric_rows = [{"run_id": run_id, "name": k, "value": float(v)} for k, v in metrics.items()]
+        for row in (*score_rows, *metric_rows):
+            if math.isnan(row["value"]):
+                raise ValueError(f"a finding is NaN, not a number: {row}")
         with self.session() as session, session.begin():
             run = session.get(Run, run_id)
             if run is None:
@@ -279,17 +291,16 @@ class Store:
             return int(session.scalar(query) or 0)
 
     def head_scores(self, run_id: int, metric: str | None = None) -> list[dict[str, Any]]:
-        query = (
-            select(HeadScore)
-            .where(HeadScore.run_id == run_id)
-            .order_by(HeadScore.metric, HeadScore.layer, HeadScore.head)
-        )
+        """Rows by metric, layer, head; names sorted here, by code point, because the
+        database's collation (PostgreSQL's locale) would order them differently."""
+        query = select(HeadScore).where(HeadScore.run_id == run_id)
         if metric:
             query = query.where(HeadScore.metric == metric)
         with self.session() as session:
+            scores = sorted(session.scalars(query), key=lambda s: (s.metric, s.layer, s.head))
             return [
                 {"layer": s.layer, "head": s.head, "metric": s.metric, "value": s.value}
-                for s in session.scalars(query)
+                for s in scores
             ]
 
     def head_metrics(self, run_id: int) -> list[str]:
@@ -298,11 +309,10 @@ class Store:
             return sorted(session.scalars(query))
 
     def metrics(self, run_id: int) -> dict[str, float]:
+        """By name, sorted by code point as head_scores are."""
         with self.session() as session:
-            rows = session.scalars(
-                select(RunMetric).where(RunMetric.run_id == run_id).order_by(RunMetric.name)
-            )
-            return {r.name: r.value for r in rows}
+            rows = session.scalars(select(RunMetric).where(RunMetric.run_id == run_id))
+            return {r.name: r.value for r in sorted(rows, key=lambda r: r.name)}
 
     def artifacts(self, run_id: int) -> list[dict[str, Any]]:
         with self.session() as session:

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated data directory, the real model, the plugin packages.
+"""Shared fixtures: an isolated data directory, the real model, the plugin packages,
+and an empty findings database on each backend (SQLite, a throwaway PostgreSQL).
 
 Plain helpers (tiny model handles, references, CLI and RPC runners) live in `helpers`.
 """
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers.postgres import Cluster, ClusterUnavailable, unavailable
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -59,3 +62,38 @@ def plugin_path(tmp_path_factory):
             capture_output=True,
         )
     return target
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A PostgreSQL server for the session, stopped at its end.
+
+    Where none can be started, tests that need one fail when CI=true (CI must
+    test PostgreSQL) and are skipped with the reason otherwise.
+    """
+    try:
+        cluster, reason = Cluster.start(), None
+    except ClusterUnavailable as error:
+        cluster, reason = None, str(error)
+    if cluster is None:
+        unavailable(f"no PostgreSQL server: {reason}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster):
+    """An empty database of its own on the session's PostgreSQL server."""
+    name, url = postgres_cluster.create_database()
+    yield url
+    postgres_cluster.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty findings database, once per backend the store supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'findings.db'}"
+    return request.getfixturevalue("postgres_url")
