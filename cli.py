@@ -168,19 +168,25 @@ class CommandKit:
             self._registry = build_registry()
         return self._registry
 
-    def store(self, db: str | None):
-        """The findings store (`--db`), with runs of dead processes marked interrupted."""
+    def store(self, db: str | None, mode: str = "create"):
+        """The findings store (`--db`), with runs of dead processes marked interrupted.
+
+        `mode` says what the command does: create (it writes, and makes a missing
+        database), write (the database must exist) or read (it must exist and may be
+        read-only). Refused databases raise before anything is loaded or written.
+        """
         from .storage.store import Store
 
-        store = Store(db)
-        store.mark_interrupted(only_dead_owners=True)
+        store = Store(db, mode=mode)
+        if not store.read_only:
+            store.mark_interrupted(only_dead_owners=True)
         return store
 
     def findings(self, db: str | None):
         """Read access to earlier runs, for commands that build on them."""
         from .core.analysis import FindingsReader
 
-        return FindingsReader(self.store(db), self.registry())
+        return FindingsReader(self.store(db, mode="read"), self.registry())
 
     def load_model(self, name: str, show_progress: bool = True):
         from .core.models import load_spec
@@ -386,7 +392,7 @@ def runs_list(
 ) -> None:
     """List stored runs, newest first."""
     _check_format(format, ("table", "json"))
-    store = kit.store(db)
+    store = kit.store(db, mode="read")
     runs = store.list_runs(analysis, model, status, limit, offset)
     if format == "json":
         _emit_json(
@@ -494,7 +500,7 @@ def runs_show(
     from .core.runs import run_document
 
     _check_format(format, ("table", "json"))
-    store = kit.store(db)
+    store = kit.store(db, mode="read")
     if format == "json":
         _emit_json(run_document(store, run_id))
         return
@@ -515,7 +521,7 @@ def runs_export(
     from .storage.export import head_scores_csv
 
     _check_format(format, ("csv", "json"))
-    store = kit.store(db)
+    store = kit.store(db, mode="read")
     text = (
         head_scores_csv(store, run_id)
         if format == "csv"
@@ -557,7 +563,7 @@ def runs_compare(
         else (None, None)
     )
     result = compare_runs(
-        kit.store(db), kit.registry(), run_a, run_b, metric, metric, rule, value, bands
+        kit.store(db, mode="read"), kit.registry(), run_a, run_b, metric, metric, rule, value, bands
     )
     if format == "json":
         _emit_json(result)
@@ -597,11 +603,93 @@ def runs_cancel(
 ) -> None:
     """Ask a queued or running run to stop (at its next progress point)."""
     _check_format(format, ("table", "json"))
-    status = kit.store(db).request_cancel(run_id)
+    status = kit.store(db, mode="write").request_cancel(run_id)
     if format == "json":
         _emit_json({"run_id": run_id, "status": status})
     else:
         console.print(f"run {run_id}: {status}")
+
+
+FORCE_HELP = "Also remove queued and running runs (what they find is then not stored)."
+DRY_RUN_HELP = "List what would be removed; remove nothing."
+
+
+@runs_app.command("delete")
+def runs_delete(
+    run_ids: list[int] = typer.Argument(..., help="Run ids.", metavar="ID"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Remove runs with their findings and artifact files (all of them or none)."""
+    _check_format(format, ("table", "json"))
+    store = kit.store(db, mode="write")
+    _print_removals(store.delete_runs(run_ids, force, dry_run), dry_run, format)
+
+
+@runs_app.command("prune")
+def runs_prune(
+    status: list[str] = typer.Option(
+        [], "--status", help="Only runs with this status; repeatable."
+    ),
+    older_than: float | None = typer.Option(
+        None, "--older-than", metavar="DAYS", help="Only runs created more than DAYS days ago."
+    ),
+    analysis: str | None = typer.Option(None, help="Only runs of this analysis."),
+    model: str | None = typer.Option(None, help="Only runs on this model."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Remove every run matching all the filters given, with its findings and files."""
+    from datetime import UTC, datetime, timedelta
+
+    from .core.runs import RUN_STATUSES
+
+    _check_format(format, ("table", "json"))
+    unknown = [s for s in status if s not in RUN_STATUSES]
+    if unknown:
+        raise InvalidParamsError(
+            f"unknown status {unknown[0]!r}; choose from {', '.join(RUN_STATUSES)}"
+        )
+    if older_than is not None and older_than < 0:
+        raise InvalidParamsError("--older-than cannot be negative")
+    if not (status or older_than is not None or analysis or model):
+        raise InvalidParamsError(
+            "say which runs to prune: --status, --older-than, --analysis or --model"
+        )
+    before = datetime.now(UTC) - timedelta(days=older_than) if older_than is not None else None
+    store = kit.store(db, mode="write")
+    run_ids = store.run_ids(analysis, model, status, before)
+    _print_removals(store.delete_runs(run_ids, force, dry_run), dry_run, format)
+
+
+def _print_removals(removals, dry_run: bool, format: str) -> None:
+    if format == "json":
+        _emit_json({"dry_run": dry_run, "runs": [r.as_dict() for r in removals]})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for removal in removals:
+        run = removal.run
+        console.print(
+            f"{verb} run {run.id}: {run.analysis} on {run.model}, {run.status}, "
+            f"created {run.created_at:%Y-%m-%d %H:%M}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        for path in removal.files:
+            console.print(f"  {path}", highlight=False, soft_wrap=True)
+        for path in removal.kept:
+            console.print(
+                f"  left in place (not in this database's folder): {path}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    files = sum(len(r.files) for r in removals)
+    runs = f"{len(removals)} run" + ("" if len(removals) == 1 else "s")
+    console.print(f"{verb} {runs} and {files} files", highlight=False)
 
 
 # ----------------------------------------------------------------------------------
@@ -643,7 +731,7 @@ def plot_command(
 
     _check_format(format, ("table", "json"))
     output_file(output, "plot file", PLOT_SUFFIXES)
-    chosen = _write_plot(kit.store(db), kit.registry(), run_id, metric, output)
+    chosen = _write_plot(kit.store(db, mode="read"), kit.registry(), run_id, metric, output)
     if format == "json":
         _emit_json({"run_id": run_id, "metric": chosen, "path": str(output)})
     else:
@@ -655,25 +743,29 @@ def plot_command(
 # ----------------------------------------------------------------------------------
 @db_app.command("path")
 def db_path(format: str = FormatOption(), db: str | None = DbOption()) -> None:
-    """Print the database URL (and file path for SQLite)."""
+    """Print the database URL (and file path for SQLite); creates nothing."""
     from .storage.db import database_path, database_url
 
     _check_format(format, ("table", "json"))
     url = database_url(db)
     path = database_path(url)
+    exists = path.exists() if path else None
     if format == "json":
-        _emit_json({"url": url, "path": str(path) if path else None})
-    else:
-        console.print(str(path) if path else url, highlight=False)
+        _emit_json({"url": url, "path": str(path) if path else None, "exists": exists})
+        return
+    console.print(f"url:  {url}", highlight=False, soft_wrap=True)
+    if path:
+        missing = "" if exists else " (no database there yet)"
+        console.print(f"path: {path}{missing}", highlight=False, soft_wrap=True)
 
 
 @db_app.command("upgrade")
 def db_upgrade(format: str = FormatOption(), db: str | None = DbOption()) -> None:
     """Apply schema migrations (also done automatically on first use)."""
-    from .storage.db import database_url, make_engine, upgrade
+    from .storage.db import database_url, open_database, upgrade
 
     _check_format(format, ("table", "json"))
-    engine = make_engine(database_url(db))
+    engine, _ = open_database(database_url(db), "create")
     before, after = upgrade(engine)
     if format == "json":
         _emit_json({"before": before, "after": after})

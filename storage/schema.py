@@ -6,7 +6,7 @@ per-head scores `(run_id, layer, head, metric, value)`, run metrics
 tables go through a migration in `storage/migrations/versions`.
 
 Types are chosen to behave as SQLite does on every database: text without a
-length limit, 64-bit counts, and times read back as naive UTC.
+length limit, 64-bit counts, and times read back in UTC (with the offset).
 """
 
 from __future__ import annotations
@@ -33,24 +33,38 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class UTCDateTime(TypeDecorator):
-    """A zone-aware time column read back as naive UTC, the form SQLite returns;
-    PostgreSQL would return it in the session's time zone."""
+class UtcDateTime(TypeDecorator):
+    """A timestamp that always reads back as UTC: SQLite keeps no offset and returns
+    naive datetimes, which would print without the UTC marker."""
 
-    impl = DateTime
+    impl = DateTime(timezone=True)
     cache_ok = True
 
-    def __init__(self) -> None:
-        super().__init__(timezone=True)
-
-    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
         if value is not None and value.tzinfo is not None:
-            value = value.astimezone(UTC).replace(tzinfo=None)
+            value = value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None:
+            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         return value
 
 
 class Base(DeclarativeBase):
     pass
+
+
+class DatabaseIdentity(Base):
+    """The one row about this database itself: its id, which names its artifact folder
+    (so two databases never share artifact files, even when one is a copy of the
+    other's file), and the last run id it gave (so a removed run's id is never reused)."""
+
+    __tablename__ = "database_identity"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    last_run_id: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ModelRecord(Base):
@@ -69,7 +83,7 @@ class ModelRecord(Base):
     max_positions: Mapped[int | None] = mapped_column(Integer)
     parameters: Mapped[int | None] = mapped_column(BigInteger)
     source: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_models_name_revision", "name", "revision", unique=True),)
 
@@ -91,9 +105,9 @@ class Run(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(Text, index=True)
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     duration_seconds: Mapped[float | None] = mapped_column(Float)
     progress_done: Mapped[float | None] = mapped_column(Float)
     progress_total: Mapped[float | None] = mapped_column(Float)
@@ -142,4 +156,4 @@ class ArtifactRecord(Base):
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(BigInteger)
     description: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

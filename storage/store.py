@@ -3,30 +3,38 @@
 A run's life: `create_run` writes it as queued (committed before any work starts),
 `mark_running` and `update_progress` follow it, and `finish_run` writes every
 finding plus the final status in one transaction, so a crash leaves either the
-whole result or none of it, and never touches other runs.
+whole result or none of it, and never touches other runs. `delete_runs` removes
+runs with every row they own, in one transaction, and then their artifact files.
+
+Artifact files live beside the database in a folder of its own, named after the
+file and the id stored in the database (`artifacts/<name>-<id>/run-N`), so two
+databases in one folder, or a copy of one, never write over each other's files.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import Select, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..core.errors import RunNotFoundError
+from ..core.errors import HeadscopeError, RunNotFoundError
 from ..core.paths import data_dir
 from ..core.runs import FINISHED, RunSummary
-from .db import database_path, database_url, make_engine, upgrade
+from .db import Mode, database_path, database_url, open_database, upgrade
 from .schema import (
     ArtifactRecord,
+    DatabaseIdentity,
     HeadScore,
     ModelRecord,
     Run,
@@ -59,13 +67,29 @@ def _summary(run: Run) -> RunSummary:
     )
 
 
-class Store:
-    """The findings database behind one URL."""
+@dataclass
+class Removal:
+    """A removed run (or one a dry run would remove) and its artifact files."""
 
-    def __init__(self, url: str | None = None, migrate: bool = True):
+    run: RunSummary
+    files: list[str] = field(default_factory=list)
+    #: stored artifact paths outside this database's folder (another database's, or
+    #: a folder older versions shared between databases): left in place
+    kept: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run": self.run.as_dict(), "files": self.files, "kept_files": self.kept}
+
+
+class Store:
+    """The findings database behind one URL, opened for what the caller does (`mode`:
+    create, write or read; see `storage.db`). `read_only` says whether it was opened
+    read-only, which a read-only file is when only reading."""
+
+    def __init__(self, url: str | None = None, migrate: bool = True, mode: Mode = "create"):
         self.url = database_url(url)
-        self.engine = make_engine(self.url)
-        if migrate:
+        self.engine, self.read_only = open_database(self.url, mode)
+        if migrate and not self.read_only:
             upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -73,9 +97,20 @@ class Store:
     def path(self) -> Path | None:
         return database_path(self.url)
 
+    @cached_property
+    def database_id(self) -> str:
+        """The id created with the database and stored in it (a copied file keeps it)."""
+        with self.session() as session:
+            return session.scalars(select(DatabaseIdentity.id)).one()
+
+    def artifacts_root(self) -> Path:
+        """This database's artifact folder, beside its file and named after the file and
+        `database_id`: a second database in the folder, or a copy, gets its own."""
+        base, name = (self.path.parent, self.path.stem) if self.path else (data_dir(), "db")
+        return (base / "artifacts" / f"{name}-{self.database_id[:12]}").resolve()
+
     def artifacts_dir(self, run_id: int) -> Path:
-        base = self.path.parent if self.path is not None else data_dir()
-        path = base / "artifacts" / f"run-{run_id}"
+        path = self.artifacts_root() / f"run-{run_id}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -135,6 +170,7 @@ class Store:
     ) -> int:
         with self.session() as session, session.begin():
             run = Run(
+                id=_next_run_id(session),
                 analysis=analysis,
                 analysis_version=analysis_version,
                 plugin=plugin,
@@ -363,9 +399,82 @@ class Store:
         with self.engine.connect() as connection:
             return [row._asdict() for row in connection.execute(statement, values)]
 
-    def delete_run(self, run_id: int) -> None:
+    # -- removing ------------------------------------------------------------------------
+    def run_ids(
+        self,
+        analysis: str | None = None,
+        model: str | None = None,
+        statuses: Sequence[str] = (),
+        created_before: datetime | None = None,
+    ) -> list[int]:
+        """Every run matching all the filters given, oldest first (what to prune)."""
+        query = _filtered(select(Run.id), analysis, model, None)
+        if statuses:
+            query = query.where(Run.status.in_(statuses))
+        if created_before is not None:
+            query = query.where(Run.created_at < created_before)
+        with self.session() as session:
+            return list(session.scalars(query.order_by(Run.id)))
+
+    def delete_runs(
+        self, run_ids: Sequence[int], force: bool = False, dry_run: bool = False
+    ) -> list[Removal]:
+        """Remove runs: their rows (head scores, metrics, artifact records, the run) in
+        one transaction, then their files in this database's artifact folder.
+
+        All or nothing: an unknown id, or a queued or running run without `force`,
+        removes none. `dry_run` reports the same and removes nothing.
+        """
+        ids = list(dict.fromkeys(run_ids))
+        if not ids:
+            return []
         with self.session() as session, session.begin():
-            session.execute(delete(Run).where(Run.id == run_id))
+            runs = {run.id: run for run in session.scalars(select(Run).where(Run.id.in_(ids)))}
+            missing = [str(run_id) for run_id in ids if run_id not in runs]
+            if missing:
+                raise RunNotFoundError(f"no run with id {', '.join(missing)}")
+            active = [runs[run_id] for run_id in ids if runs[run_id].status not in FINISHED]
+            if active and not force:
+                run = active[0]
+                raise HeadscopeError(
+                    f"run {run.id} is {run.status}; cancel it first, or force its removal"
+                )
+            stored = session.execute(
+                select(ArtifactRecord.run_id, ArtifactRecord.path)
+                .where(ArtifactRecord.run_id.in_(ids))
+                .order_by(ArtifactRecord.id)
+            ).all()
+            removals = {run_id: Removal(_summary(runs[run_id])) for run_id in ids}
+            if not dry_run:
+                for table in (HeadScore, RunMetric, ArtifactRecord):
+                    session.execute(delete(table).where(table.run_id.in_(ids)))
+                session.execute(delete(Run).where(Run.id.in_(ids)))
+        root = self.artifacts_root()
+        for run_id, path in stored:
+            inside = Path(path).resolve().is_relative_to(root)
+            (removals[run_id].files if inside else removals[run_id].kept).append(path)
+        for run_id, removal in removals.items():
+            folder = root / f"run-{run_id}"
+            if folder.is_dir():  # with what the run wrote there without recording it
+                written = {str(path) for path in folder.rglob("*") if path.is_file()}
+                removal.files += sorted(written - set(removal.files))
+            if not dry_run:
+                for path in removal.files:
+                    Path(path).unlink(missing_ok=True)
+                shutil.rmtree(folder, ignore_errors=True)
+        return list(removals.values())
+
+
+def _next_run_id(session: Session) -> int:
+    """A run id never given before, even to a removed run (SQLite would reuse the
+    highest): the counter in `database_identity`, moved on in the same statement that
+    takes the write lock, so concurrent writers never draw the same id."""
+    highest = select(func.coalesce(func.max(Run.id), 0)).scalar_subquery()
+    last = DatabaseIdentity.last_run_id
+    bumped = update(DatabaseIdentity).values(
+        last_run_id=case((last >= highest, last), else_=highest) + 1
+    )
+    return session.scalar(bumped.returning(DatabaseIdentity.last_run_id))
 
 
 def _filtered(query, analysis: str | None, model: str | None, status: str | None):
@@ -409,11 +518,7 @@ def _top_heads_statement(
 
 
 def _elapsed(start: datetime | None, end: datetime) -> float | None:
-    if start is None:
-        return None
-    if start.tzinfo is None:  # SQLite returns naive datetimes
-        end = end.replace(tzinfo=None)
-    return (end - start).total_seconds()
+    return None if start is None else (end - start).total_seconds()
 
 
 def _owner_dead(run: Run, host: str) -> bool:

@@ -85,8 +85,9 @@ def test_invalid_params_print_the_validation_error_without_traceback(capsys, tmp
         capsys, "run", "head-detector", "-m", "tiny-llama", "-p", "bogus=1", "--db", db
     )
     assert unknown.code == 1 and "bogus" in unknown.err
-    # nothing was stored for rejected requests
-    assert run_cli(capsys, "runs", "list", "-f", "json", "--db", db).json()["total"] == 0
+    # nothing was stored for rejected requests: not even a database was made
+    listed = run_cli(capsys, "runs", "list", "-f", "json", "--db", db)
+    assert listed.code == 1 and "no database at" in listed.err
 
 
 def test_too_long_input_is_rejected_before_a_run_is_stored(capsys, tmp_path):
@@ -100,6 +101,7 @@ def test_too_long_input_is_rejected_before_a_run_is_stored(capsys, tmp_path):
 
 def test_unknown_names_give_clear_errors(capsys, tmp_path):
     db = str(tmp_path / "e.db")
+    assert run_cli(capsys, "db", "upgrade", "--db", db).code == 0
     for args, expected in [
         (("run", "nope", "-m", "tiny-llama"), "unknown analysis 'nope'"),
         (("run", "head-detector", "-m", "nope-model"), "unknown model 'nope-model'"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -97,6 +98,27 @@ def test_submit_poll_and_query_findings(server):
     ]:
         check_result(server.discover, method, client.call(method, **params))
     client.close()
+
+
+def test_run_times_carry_the_utc_offset(server):
+    client = server.client()
+    run_id = server.finished["run"]["id"]
+    got = client.call("runs.get", run_id=run_id, head_scores=False)["run"]
+    (listed,) = [r for r in client.call("runs.list")["runs"] if r["id"] == run_id]
+    for run in (got, listed):
+        for key in ("created_at", "started_at", "finished_at"):
+            assert run[key].endswith("+00:00"), (key, run[key])
+    client.close()
+
+
+def test_serve_refuses_a_database_that_is_not_headscope_s(tmp_path):
+    db = tmp_path / "notes.db"
+    connection = sqlite3.connect(db)
+    connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY)")
+    connection.commit()
+    connection.close()
+    with pytest.raises(RuntimeError, match="is not a headscope database"):
+        Server(db)
 
 
 def test_eight_concurrent_clients_get_consistent_answers(server):

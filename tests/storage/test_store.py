@@ -6,15 +6,17 @@ Tests taking `db_url` run once on SQLite and once on a real PostgreSQL server.
 from __future__ import annotations
 
 import math
+import shutil
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 import sqlalchemy.exc
 from sqlalchemy import create_engine, event, inspect
 
@@ -22,7 +24,10 @@ from headscope.core.errors import HeadscopeError, RunNotFoundError
 from headscope.core.runs import run_document
 from headscope.storage.db import current_revision, head_revision, upgrade
 from headscope.storage.export import head_scores_csv
+from headscope.storage.schema import Run
 from headscope.storage.store import Store
+
+from helpers.readonly import read_only
 
 
 def new_run(store, analysis="a", model="m", params=None):
@@ -149,6 +154,93 @@ def test_a_corrupt_database_file_is_a_clear_error(tmp_path):
     assert path.read_bytes().startswith(b"this is not a database")
 
 
+# -- opening: foreign, missing and read-only databases ------------------------------------
+def test_a_database_with_other_tables_is_refused_untouched(tmp_path):
+    path = tmp_path / "notes.db"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    connection.commit()
+    connection.close()
+    before = path.read_bytes()
+    for mode in ("create", "write", "read"):
+        with pytest.raises(HeadscopeError, match=f"{path} is not a headscope database"):
+            Store(str(path), mode=mode)
+    assert path.read_bytes() == before
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_a_missing_database_is_created_only_by_writers(tmp_path):
+    path = tmp_path / "typo" / "mian.db"
+    for mode in ("read", "write"):
+        with pytest.raises(HeadscopeError, match=f"no database at {path}"):
+            Store(str(path), mode=mode)
+    assert not (tmp_path / "typo").exists()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(HeadscopeError, match="no database at .*empty"):
+        Store(str(empty), mode="read")
+    assert Store(str(path), mode="create").list_runs() == []
+
+
+def test_a_read_only_database_is_read_and_never_written(tmp_path):
+    folder = tmp_path / "shared"
+    store = Store(str(folder / "f.db"))
+    run_id = new_run(store)
+    store.finish_run(run_id, [(0, 0, "s", 0.5)], {"m": 1.0})
+    store.engine.dispose()
+    for target in (folder / "f.db", folder):  # the file, then the whole folder (a mount)
+        with read_only(target):
+            for mode in ("create", "write"):
+                with pytest.raises(
+                    HeadscopeError, match=f"database {folder / 'f.db'} is read-only"
+                ):
+                    Store(str(folder / "f.db"), mode=mode)
+            reader = Store(str(folder / "f.db"), mode="read")
+            assert reader.read_only
+            assert reader.get_run(run_id).status == "succeeded"
+            assert reader.head_scores(run_id) == [
+                {"layer": 0, "head": 0, "metric": "s", "value": 0.5}
+            ]
+            reader.engine.dispose()
+    with read_only(folder):
+        with pytest.raises(HeadscopeError, match="its folder is read-only"):
+            Store(str(folder / "new.db"))
+
+
+def test_run_times_read_back_in_utc_with_the_offset(tmp_path):
+    store = Store(str(tmp_path / "f.db"))
+    run_id = new_run(store)
+    store.mark_running(run_id, None, None)
+    store.finish_run(run_id, [], {})
+    stored = sqlite3.connect(tmp_path / "f.db").execute("SELECT created_at FROM runs").fetchone()
+    assert "+" not in stored[0]  # SQLite keeps no offset
+    run = store.get_run(run_id)
+    for value in (run.created_at, run.started_at, run.finished_at):
+        assert value.utcoffset() == timedelta(0)
+    for key in ("created_at", "started_at", "finished_at"):
+        assert run.as_dict()[key].endswith("+00:00")
+    assert run.duration_seconds >= 0
+
+
+# -- artifact folders -------------------------------------------------------------------------
+def test_each_database_has_its_own_artifact_folder(tmp_path):
+    main, second = Store(str(tmp_path / "main.db")), Store(str(tmp_path / "second.db"))
+    assert new_run(main) == new_run(second) == 1
+    folders = {main.artifacts_dir(1), second.artifacts_dir(1)}
+    assert len(folders) == 2 and all(f.parent.parent == tmp_path / "artifacts" for f in folders)
+    main.engine.dispose()
+    shutil.copy(tmp_path / "main.db", tmp_path / "copy.db")
+    copy = Store(str(tmp_path / "copy.db"))
+    assert copy.database_id == main.database_id  # the id travels with the file
+    assert copy.artifacts_dir(1) not in folders
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "main.db", elsewhere / "main.db")
+    assert Store(str(elsewhere / "main.db")).artifacts_dir(1).parent.parent == (
+        elsewhere / "artifacts"
+    )
+
+
 # -- every backend stores and returns the same values ---------------------------------
 
 
@@ -176,14 +268,21 @@ def test_migrations_go_down_and_up_and_keep_rows_written_before_an_upgrade(db_ur
     from headscope.storage.db import _alembic_config
 
     store = Store(db_url)
+    url = store.engine.url.render_as_string(hide_password=False)
     with store.engine.begin() as connection:
-        command.downgrade(_alembic_config(store.engine, connection), "base")
+        command.downgrade(_alembic_config(url, connection), "base")
     assert inspect(store.engine).get_table_names() == ["alembic_version"]
     with store.engine.begin() as connection:
-        command.upgrade(_alembic_config(store.engine, connection), "0001")
-    kept = new_run(store)
+        command.upgrade(_alembic_config(url, connection), "0001")
+        connection.exec_driver_sql(  # a run written by the first schema
+            "INSERT INTO runs (analysis, analysis_version, params, model_name, packages, seed,"
+            " status, created_at, cancel_requested) VALUES ('a', '1', '{\"x\": 1}', 'm', '{}',"
+            " 3, 'queued', '2024-05-01 10:00:00', false)"
+        )
     assert upgrade(store.engine) == ("0001", head_revision())
+    (kept,) = [run.id for run in store.list_runs()]
     assert store.get_run(kept).params == {"x": 1}
+    assert new_run(store) == kept + 1
 
 
 def test_long_names_and_large_numbers_are_stored_as_given(db_url):
@@ -205,18 +304,19 @@ def test_long_names_and_large_numbers_are_stored_as_given(db_url):
     assert store.artifacts(run_id)[0]["size"] == 5 * 2**30
 
 
-def test_times_read_back_as_naive_utc(db_url):
+def test_times_read_back_in_utc_on_every_database(db_url):
     store = Store(db_url)
-    before = datetime.now(UTC).replace(tzinfo=None)
+    before = datetime.now(UTC)
     run_id = new_run(store)
     store.mark_running(run_id, None, None)
     store.finish_run(run_id, [], {})
-    after = datetime.now(UTC).replace(tzinfo=None)
+    after = datetime.now(UTC)
     run = store.get_run(run_id)
     assert before <= run.created_at <= run.started_at <= run.finished_at <= after
-    assert run.finished_at.tzinfo is None
+    assert run.finished_at.utcoffset().total_seconds() == 0
     assert 0 <= run.duration_seconds <= (after - before).total_seconds()
     assert run.as_dict()["created_at"] == run.created_at.isoformat()
+    assert run.as_dict()["created_at"].endswith("+00:00")
 
 
 def test_names_come_back_in_code_point_order(db_url):
@@ -296,7 +396,7 @@ def test_deleting_a_run_deletes_its_findings(db_url):
     run_id = new_run(store)
     artifact = {"name": "plot", "media_type": "image/png", "path": "p.png", "size": 1}
     store.finish_run(run_id, [(0, 0, "s", 1.0)], {"m": 1.0}, [artifact])
-    store.delete_run(run_id)
+    store.delete_runs([run_id])
     with store.engine.connect() as connection:
         for table in ("head_scores", "run_metrics", "artifacts"):
             assert connection.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() == 0
@@ -392,3 +492,142 @@ def test_a_refused_connection_is_a_clear_error_without_the_password(postgres_clu
         Store(url)
     assert "password authentication failed" in str(refused.value)
     assert "not-the-password" not in str(refused.value) and "***" in str(refused.value)
+
+
+def test_upgrading_an_older_database_gives_it_an_id_and_keeps_its_artifacts(tmp_path):
+    from alembic import command
+
+    from headscope.storage.db import _alembic_config
+
+    path = tmp_path / "old.db"
+    url = f"sqlite:///{path}"
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(url, connection), "0001")
+        connection.exec_driver_sql(
+            "INSERT INTO runs (analysis, analysis_version, params, model_name, packages, seed,"
+            " status, created_at, cancel_requested) VALUES ('a', '1', '{}', 'm', '{}', 0,"
+            " 'succeeded', '2024-05-01 10:00:00.000000', 0)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO artifacts (run_id, name, media_type, path, size, created_at) VALUES"
+            f" (1, 'p.png', 'image/png', '{tmp_path}/artifacts/run-1/p.png', 3,"
+            " '2024-05-01 10:00:00.000000')"
+        )
+    engine.dispose()
+    store = Store(str(path))
+    assert current_revision(store.engine) == head_revision()
+    assert len(store.database_id) == 32
+    assert store.artifacts(1)[0]["path"] == f"{tmp_path}/artifacts/run-1/p.png"
+    assert store.get_run(1).as_dict()["created_at"] == "2024-05-01T10:00:00+00:00"
+    assert new_run(store) == 2
+    assert store.artifacts_dir(2) != tmp_path / "artifacts" / "run-2"
+
+
+# -- removing runs ----------------------------------------------------------------------------
+def finished_run(store, analysis="a", status="succeeded"):
+    run_id = new_run(store, analysis=analysis)
+    folder = store.artifacts_dir(run_id)
+    (folder / "plot.png").write_bytes(b"png")
+    (folder / "scratch.txt").write_bytes(b"left by the analysis")
+    artifact = {"name": "plot.png", "media_type": "image/png", "size": 3}
+    store.finish_run(
+        run_id,
+        [(0, 0, "s", 1.0)],
+        {"m": 1.0},
+        [{**artifact, "path": str(folder / "plot.png")}],
+    )
+    if status != "succeeded":
+        with store.session() as session, session.begin():
+            session.get(Run, run_id).status = status
+    return run_id
+
+
+def row_counts(store, run_id):
+    with store.engine.connect() as connection:
+        return [
+            connection.exec_driver_sql(
+                f"SELECT count(*) FROM {table} WHERE {key} = ?", (run_id,)
+            ).scalar_one()
+            for table, key in (
+                ("runs", "id"),
+                ("head_scores", "run_id"),
+                ("run_metrics", "run_id"),
+                ("artifacts", "run_id"),
+            )
+        ]
+
+
+def test_deleting_runs_removes_their_rows_and_files_only(tmp_path):
+    store = Store(str(tmp_path / "f.db"))
+    other = Store(str(tmp_path / "other.db"))
+    gone, kept = finished_run(store), finished_run(store)
+    neighbour = finished_run(other)
+    folder = store.artifacts_dir(gone)
+    removals = store.delete_runs([gone])
+    assert [r.run.id for r in removals] == [gone]
+    assert sorted(removals[0].files) == [str(folder / "plot.png"), str(folder / "scratch.txt")]
+    assert removals[0].kept == []
+    assert row_counts(store, gone) == [0, 0, 0, 0]
+    assert not folder.exists()
+    assert row_counts(store, kept) == [1, 1, 1, 1]
+    assert Path(store.artifacts(kept)[0]["path"]).read_bytes() == b"png"
+    assert Path(other.artifacts(neighbour)[0]["path"]).read_bytes() == b"png"
+    with pytest.raises(RunNotFoundError):
+        store.get_run(gone)
+
+
+def test_deleting_is_all_or_nothing_and_a_dry_run_removes_nothing(tmp_path):
+    store = Store(str(tmp_path / "f.db"))
+    done, active = finished_run(store), new_run(store)
+    with pytest.raises(RunNotFoundError, match="no run with id 99"):
+        store.delete_runs([done, 99])
+    with pytest.raises(HeadscopeError, match=f"run {active} is queued"):
+        store.delete_runs([done, active])
+    store.mark_running(active, None, None)
+    with pytest.raises(HeadscopeError, match=f"run {active} is running"):
+        store.delete_runs([active])
+    assert row_counts(store, done) == [1, 1, 1, 1] and row_counts(store, active)[0] == 1
+    planned = store.delete_runs([done, active], force=True, dry_run=True)
+    assert [r.run.id for r in planned] == [done, active] and len(planned[0].files) == 2
+    assert row_counts(store, done) == [1, 1, 1, 1]
+    assert all(Path(p).exists() for p in planned[0].files)
+    assert [r.run.id for r in store.delete_runs([done, active], force=True)] == [done, active]
+    assert store.count_runs() == 0
+
+
+def test_files_outside_the_database_folder_are_left_in_place(tmp_path):
+    store = Store(str(tmp_path / "main.db"))
+    run_id = finished_run(store)
+    store.engine.dispose()
+    shutil.copy(tmp_path / "main.db", tmp_path / "copy.db")
+    copy = Store(str(tmp_path / "copy.db"))
+    original = store.artifacts(run_id)[0]["path"]
+    removal = copy.delete_runs([run_id])[0]
+    assert removal.files == [] and removal.kept == [original]
+    assert Path(original).read_bytes() == b"png"
+    assert store.get_run(run_id).status == "succeeded"
+
+
+def test_run_ids_select_what_to_prune(tmp_path):
+    store = Store(str(tmp_path / "f.db"))
+    failed = finished_run(store, status="failed")
+    old = finished_run(store, analysis="b")
+    with store.session() as session, session.begin():
+        session.get(Run, old).created_at = datetime.now(UTC) - timedelta(days=40)
+    recent = finished_run(store)
+    assert store.run_ids(statuses=["failed"]) == [failed]
+    assert store.run_ids(statuses=["failed", "succeeded"]) == [failed, old, recent]
+    cutoff = datetime.now(UTC) - timedelta(days=30)
+    assert store.run_ids(created_before=cutoff) == [old]
+    assert store.run_ids(analysis="a") == [failed, recent]
+    assert store.run_ids(analysis="a", statuses=["succeeded"]) == [recent]
+
+
+def test_a_removed_run_s_id_is_never_given_again(tmp_path):
+    store = Store(str(tmp_path / "f.db"))
+    first, last = new_run(store), new_run(store)
+    store.delete_runs([last], force=True)
+    assert new_run(store) == last + 1
+    store.delete_runs([first, last + 1], force=True)
+    assert new_run(store) == last + 2

@@ -86,6 +86,7 @@ def test_context_heads_then_modulation_from_its_heads(capsys, tmp_path):
 )
 def test_bad_modulation_params_fail_cleanly_and_store_nothing(capsys, tmp_path, params, message):
     db = str(tmp_path / "bad.db")
+    assert run_cli(capsys, "db", "upgrade", "--db", db).code == 0  # listed below
     result = run_cli(capsys, "run", "attention-modulation", "-m", "tiny-llama", *params, "--db", db)
     assert result.code == 1
     assert message in result.err and "Traceback" not in result.err

@@ -191,6 +191,7 @@ def test_scores_match_the_naive_reference_on_smollm2(smollm2):
 )
 def test_bad_params_give_clear_errors_and_store_nothing(capsys, tmp_path, params, message):
     db = str(tmp_path / "r.db")
+    assert run_cli(capsys, "db", "upgrade", "--db", db).code == 0  # listed below
     short = ["-p", "lengths=[300]"] if "lengths" not in params[1] else []
     result = run_cli(
         capsys, "run", "retrieval-heads", "-m", "tiny-llama", *short, *params, "--db", db
