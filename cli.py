@@ -15,14 +15,17 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .core.compare import MAX_BANDS
 from .core.errors import HeadscopeError, InvalidParamsError
+from .core.runs import MAX_INT, MAX_SEED, RUN_STATUSES
 
 APP_SETTINGS: dict[str, Any] = dict(
     help="Find, score and steer attention heads in transformer language models.",
@@ -61,6 +64,14 @@ def FormatOption(default: str = "table", help: str = FORMAT_HELP):  # noqa: N802
 
 def DbOption():  # noqa: N802
     return typer.Option(None, "--db", envvar="HEADSCOPE_DB", help=DB_HELP, show_envvar=True)
+
+
+def RunIdArgument(help: str = "Run id."):  # noqa: N802
+    return typer.Argument(..., min=1, max=MAX_INT, help=help)
+
+
+def SeedOption(help: str):  # noqa: N802
+    return typer.Option(0, "--seed", min=0, max=MAX_SEED, help=help)
 
 
 def _emit_json(data: Any) -> None:
@@ -308,7 +319,7 @@ def run_command(
     param: list[str] = typer.Option(
         [], "--param", "-p", help="key=value (JSON values allowed); repeatable."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for every random choice in the run."),
+    seed: int = SeedOption("Seed for every random choice in the run."),
     format: str = FormatOption(),
     plot: Path | None = typer.Option(
         None, "--plot", help="Also write the primary-metric heatmap here (.png, .pdf or .svg)."
@@ -317,6 +328,7 @@ def run_command(
 ) -> None:
     """Run an analysis on a model and store its findings."""
     from .core import jobs
+    from .core.analysis import FindingsReader
     from .core.models import load_spec
 
     _check_format(format, ("table", "json"))
@@ -325,7 +337,8 @@ def run_command(
     if plot is not None:
         output_file(plot, "plot file", PLOT_SUFFIXES)
     prepared = jobs.prepare(registry, analysis, model, params, seed)
-    store = kit.store(db)
+    store = kit.store(db)  # params are valid: only now may a database be made
+    jobs.check_runs(prepared, FindingsReader(store, registry))
     show = format != "json"
     with progress_bar(show) as progress:
         handle = load_spec(registry.models.resolve(model), progress)
@@ -384,9 +397,9 @@ def _status_style(status: str) -> str:
 def runs_list(
     analysis: str | None = typer.Option(None, help="Only runs of this analysis."),
     model: str | None = typer.Option(None, help="Only runs on this model."),
-    status: str | None = typer.Option(None, help="Only runs with this status."),
-    limit: int = typer.Option(20, help="Rows per page."),
-    offset: int = typer.Option(0, help="Rows to skip."),
+    status: Literal[RUN_STATUSES] | None = typer.Option(None, help="Only runs with this status."),  # type: ignore[valid-type]
+    limit: int = typer.Option(20, min=1, max=MAX_INT, help="Rows per page."),
+    offset: int = typer.Option(0, min=0, max=MAX_INT, help="Rows to skip."),
     format: str = FormatOption(),
     db: str | None = DbOption(),
 ) -> None:
@@ -490,8 +503,8 @@ def _print_run(store, registry, run_id: int, top: int | None, metric: str | None
 
 @runs_app.command("show")
 def runs_show(
-    run_id: int = typer.Argument(..., help="Run id."),
-    top: int = typer.Option(20, help="Heads to list in the table (0 = all)."),
+    run_id: int = RunIdArgument(),
+    top: int = typer.Option(20, min=0, help="Heads to list in the table (0 = all)."),
     metric: str | None = typer.Option(None, help="Sort heads by this metric."),
     format: str = FormatOption(),
     db: str | None = DbOption(),
@@ -501,6 +514,14 @@ def runs_show(
 
     _check_format(format, ("table", "json"))
     store = kit.store(db, mode="read")
+    if metric is not None:
+        store.get_run(run_id)  # an unknown run says so first
+        available = store.head_metrics(run_id)
+        if metric not in available:
+            raise InvalidParamsError(
+                f"run {run_id} has no head metric {metric!r}; it has: "
+                f"{', '.join(available) or 'none'}"
+            )
     if format == "json":
         _emit_json(run_document(store, run_id))
         return
@@ -509,7 +530,7 @@ def runs_show(
 
 @runs_app.command("export")
 def runs_export(
-    run_id: int = typer.Argument(..., help="Run id."),
+    run_id: int = RunIdArgument(),
     format: str = FormatOption("json", "csv (head scores) or json (everything)."),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Write here instead of stdout."
@@ -536,16 +557,18 @@ def runs_export(
 
 @runs_app.command("compare")
 def runs_compare(
-    run_a: int = typer.Argument(..., help="First run id."),
-    run_b: int = typer.Argument(..., help="Second run id."),
+    run_a: int = RunIdArgument("First run id."),
+    run_b: int = RunIdArgument("Second run id."),
     metric: str | None = typer.Option(
         None, help="Head metric for both runs (default: each analysis's own)."
     ),
     top_k: int | None = typer.Option(
-        None, "--top-k", help="Head set = the k best heads of each run."
+        None, "--top-k", min=1, max=MAX_INT, help="Head set = the k best heads of each run."
     ),
     threshold: float | None = typer.Option(None, help="Head set = heads scoring above this."),
-    bands: int = typer.Option(3, help="Layer bands for the per-band overlap."),
+    bands: int = typer.Option(
+        3, min=1, max=MAX_BANDS, help="Layer bands for the per-band overlap."
+    ),
     format: str = FormatOption(),
     db: str | None = DbOption(),
 ) -> None:
@@ -597,7 +620,7 @@ def runs_compare(
 
 @runs_app.command("cancel")
 def runs_cancel(
-    run_id: int = typer.Argument(..., help="Run id."),
+    run_id: int = RunIdArgument(),
     format: str = FormatOption(),
     db: str | None = DbOption(),
 ) -> None:
@@ -717,7 +740,7 @@ def _write_plot(store, registry, run_id: int, metric: str | None, output: Path) 
 
 @app.command("plot")
 def plot_command(
-    run_id: int = typer.Argument(..., help="Run id."),
+    run_id: int = RunIdArgument(),
     output: Path = typer.Option(
         Path("headscope-heatmap.png"), "--output", "-o", help="Image to write (.png, .pdf or .svg)."
     ),
@@ -832,17 +855,47 @@ def analyses_describe(
     if format == "json":
         _emit_json(description)
         return
-    console.print(f"[bold]{cls.name}[/] v{cls.version}: {cls.summary}")
-    table = _table("params", ("name", "type", "default", "description"))
-    for field_name, field in cls.Params.model_fields.items():
-        annotation = getattr(field.annotation, "__name__", str(field.annotation))
-        table.add_row(
-            field_name,
-            annotation.replace("typing.", ""),
-            json.dumps(field.default, default=str),
-            field.description or "",
-        )
+    console.print(f"[bold]{escape(cls.name)}[/] v{escape(cls.version)}: {escape(cls.summary)}")
+    table = _table("params", ("name", "type", "allowed", "default", "description"))
+    schema = description["params_schema"]
+    for field_name, field in schema.get("properties", {}).items():
+        default = json.dumps(field["default"]) if "default" in field else "(required)"
+        cells = (field_name, _schema_type(field), _schema_allowed(field), default)
+        table.add_row(*map(escape, cells), escape(field.get("description", "")))
     console.print(table)
+
+
+_BOUNDS = (
+    ("minimum", ">="),
+    ("exclusiveMinimum", ">"),
+    ("maximum", "<="),
+    ("exclusiveMaximum", "<"),
+)
+
+
+def _schema_type(schema: dict[str, Any]) -> str:
+    """A JSON schema's type for people: `integer`, `list of [integer, integer] or null`."""
+    if "anyOf" in schema:
+        return " or ".join(_schema_type(option) for option in schema["anyOf"])
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    kind = schema.get("type", "any")
+    if kind == "array" and "prefixItems" in schema:
+        return "[" + ", ".join(map(_schema_type, schema["prefixItems"])) + "]"
+    if kind == "array":
+        return f"list of {_schema_type(schema.get('items', {}))}"
+    return kind
+
+
+def _schema_allowed(schema: dict[str, Any]) -> str:
+    """The values a JSON schema allows, for people: its choices or its numeric bounds."""
+    if "anyOf" in schema:
+        return "; ".join(filter(None, map(_schema_allowed, schema["anyOf"])))
+    if "enum" in schema:
+        return " | ".join(str(value) for value in schema["enum"])
+    if "const" in schema:
+        return str(schema["const"])
+    return ", ".join(f"{sign} {schema[key]}" for key, sign in _BOUNDS if key in schema)
 
 
 # ----------------------------------------------------------------------------------
@@ -875,7 +928,7 @@ def tasks_show(
     model: str = ModelOption(),
     n: int = typer.Option(32, "--n", min=1, help="Examples to build and score."),
     examples: int = typer.Option(5, "--examples", min=0, help="Examples to print."),
-    seed: int = typer.Option(0, "--seed", help="Seed for building examples."),
+    seed: int = SeedOption("Seed for building examples."),
     format: str = FormatOption(),
 ) -> None:
     """Show a task's examples and the model's accuracy on them."""

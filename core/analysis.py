@@ -30,8 +30,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticSerializationError, to_json
 
-from .errors import CancelledError, InvalidParamsError, validation_error
+from .errors import (
+    CancelledError,
+    InvalidParamsError,
+    RunNotFoundError,
+    param_error,
+    validation_error,
+)
+from .runs import FINISHED, MAX_INT, RunSummary
 
 if TYPE_CHECKING:
     from .models import ModelHandle
@@ -123,6 +131,20 @@ class FindingsReader:
 
     def run(self, run_id: int):
         return self._store.get_run(run_id)
+
+    def require_run(self, run_id: int, field: str) -> RunSummary:
+        """The run that param `field` names, if it exists and has or may still get
+        results (it may be queued or running: runs on one model execute in order)."""
+        missing = param_error(field, f"no run with id {run_id}")
+        if not 1 <= run_id <= MAX_INT:  # beyond the store's ids
+            raise missing
+        try:
+            run = self._store.get_run(run_id)
+        except RunNotFoundError:
+            raise missing from None
+        if run.status in FINISHED and run.status != "succeeded":
+            raise param_error(field, f"run {run_id} {run.status}: it has no results")
+        return run
 
     def head_metric(self, run_id: int, metric: str | None = None) -> str:
         """`metric`, or the primary metric of the analysis that made the run."""
@@ -221,12 +243,26 @@ class Analysis:
         service). `registry` resolves tasks and models by name."""
 
     @classmethod
+    def check_runs(cls, params: BaseModel, findings: FindingsReader, model: str) -> None:
+        """Checks against the stored runs the params name (a `from_run` that must
+        exist, be on `model`...); raise `InvalidParamsError`. They need no model, so
+        they run before the run is stored, from the CLI and `runs.submit` alike; a
+        named run may still be queued or running then (`FindingsReader.require_run`)."""
+
+    @classmethod
     def parse_params(cls, values: Mapping[str, Any] | None) -> BaseModel:
-        """Validate raw params; errors name each bad field."""
+        """Validate raw params strictly, as the JSON they arrive as (RPC bodies, params
+        files, `-p` values): "3", true and 2.0 are not integers, while a JSON list
+        is a tuple. Errors name each bad field."""
+        what = f"invalid params for {cls.name}"
         try:
-            return cls.Params.model_validate(dict(values or {}))
+            raw = to_json(dict(values or {}))
+        except PydanticSerializationError as error:
+            raise InvalidParamsError(f"{what}: not JSON values: {error}") from None
+        try:
+            return cls.Params.model_validate_json(raw, strict=True)
         except ValidationError as error:
-            raise validation_error(error, f"invalid params for {cls.name}") from None
+            raise validation_error(error, what) from None
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

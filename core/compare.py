@@ -12,6 +12,8 @@ from typing import Any
 from .errors import InvalidParamsError
 
 Head = tuple[int, int]
+#: the most layer bands a comparison splits layers into
+MAX_BANDS = 12
 
 
 def select_heads(
@@ -47,6 +49,8 @@ def overlap(a: set[Head], b: set[Head]) -> dict[str, Any]:
 
 def layer_bands(n_layers: int, bands: int = 3) -> list[tuple[str, range]]:
     """Split layers into early/middle/late (or `bands` equal) ranges."""
+    if not 1 <= bands <= MAX_BANDS:
+        raise InvalidParamsError(f"bands must be 1..{MAX_BANDS}, not {bands}")
     names = {3: ["early", "middle", "late"]}.get(bands) or [f"band{i}" for i in range(bands)]
     edges = [round(i * n_layers / bands) for i in range(bands + 1)]
     return [(names[i], range(edges[i], edges[i + 1])) for i in range(bands)]
@@ -79,9 +83,11 @@ def compare_runs(
 
     Each run's head set comes from its metric (default: its analysis's primary
     metric) and a selection rule (default: its analysis's own, e.g. retrieval score
-    above 0.1); give `rule`/`value` to use one rule for both.
+    above 0.1); give `rule`/`value` to use one rule for both. Runs whose scores
+    have different shapes (models with other layer or head counts) are refused:
+    the same (layer, head) would name different heads, and the bands other layers.
     """
-    sides = []
+    sides, shapes = [], []
     for run_id, metric in ((run_a, metric_a), (run_b, metric_b)):
         run = store.get_run(run_id)
         if run.status != "succeeded":
@@ -103,6 +109,7 @@ def compare_runs(
         scores = {(r["layer"], r["head"]): r["value"] for r in store.head_scores(run_id, chosen)}
         heads = select_heads(scores, use_rule, use_value)
         n_layers = 1 + max(layer for layer, _ in scores)
+        shapes.append((n_layers, 1 + max(head for _, head in scores)))
         sides.append(
             {
                 "run_id": run_id,
@@ -115,10 +122,14 @@ def compare_runs(
                 "n_layers": n_layers,
             }
         )
+    if shapes[0] != shapes[1]:
+        (layers_a, heads_a), (layers_b, heads_b) = shapes
+        raise InvalidParamsError(
+            f"run {run_a} ({sides[0]['model']}, {sides[0]['metric']}) scores {layers_a} layers "
+            f"x {heads_a} heads, run {run_b} ({sides[1]['model']}, {sides[1]['metric']}) "
+            f"{layers_b} x {heads_b}: head sets of different shapes do not compare"
+        )
     result = compare_head_sets(
-        set(map(tuple, sides[0]["heads"])),
-        set(map(tuple, sides[1]["heads"])),
-        max(sides[0]["n_layers"], sides[1]["n_layers"]),
-        bands,
+        set(map(tuple, sides[0]["heads"])), set(map(tuple, sides[1]["heads"])), shapes[0][0], bands
     )
     return {"a": sides[0], "b": sides[1], **result}

@@ -65,3 +65,8 @@ def validation_error(error, what: str, whole: str = "(params)") -> InvalidParams
     ]
     lines = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
     return InvalidParamsError(f"{what}: {lines}", fields)
+
+
+def param_error(field: str, message: str) -> InvalidParamsError:
+    """An InvalidParamsError about one named param (`field: message`)."""
+    return InvalidParamsError(f"{field}: {message}", [{"field": field, "message": message}])

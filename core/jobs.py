@@ -1,7 +1,7 @@
 """Running an analysis as a recorded job.
 
 `prepare` validates everything that can be checked before work starts (analysis
-name, params, model name); `execute` loads the model, runs the analysis and writes
+name, params, seed, model name, the stored runs the params name); `execute` loads the model, runs the analysis and writes
 its findings in one transaction. Bad input is rejected before a run row exists, so
 nothing half-written is ever stored; failures during the work record the error on
 the run and leave every other run untouched.
@@ -20,8 +20,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from .analysis import Analysis, FindingsReader, RunContext
-from .errors import CancelledError, HeadscopeError
+from .errors import CancelledError, HeadscopeError, InvalidParamsError
 from .models import ModelHandle
+from .runs import MAX_NAME_LENGTH, MAX_SEED
 
 log = logging.getLogger("headscope.jobs")
 
@@ -62,14 +63,35 @@ class PreparedRun:
 
 
 def prepare(
-    registry: Any, analysis: str, model: str, params: dict | None, seed: int = 0
+    registry: Any,
+    analysis: str,
+    model: str,
+    params: dict | None,
+    seed: int = 0,
+    findings: FindingsReader | None = None,
 ) -> PreparedRun:
-    """Check the analysis, params and model name; raises before anything is stored."""
+    """Check the analysis, params, seed and model name, and with `findings` the
+    stored runs the params name; raises before anything is stored."""
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidParamsError(f"seed {seed} is outside 0..{MAX_SEED}")
+    if len(model) > MAX_NAME_LENGTH:
+        raise InvalidParamsError(
+            f"a model name of {len(model)} characters is longer than {MAX_NAME_LENGTH}"
+        )
     cls = registry.analysis(analysis)
     parsed = cls.parse_params(params)
     spec = registry.models.resolve(model)
     plugin = registry.analysis_plugins.get(analysis)
-    return PreparedRun(cls, spec.name, parsed, int(seed), plugin, registry.plugin_version(plugin))
+    version = registry.plugin_version(plugin)
+    prepared = PreparedRun(cls, spec.name, parsed, int(seed), plugin, version)
+    if findings is not None:
+        check_runs(prepared, findings)
+    return prepared
+
+
+def check_runs(prepared: PreparedRun, findings: FindingsReader) -> None:
+    """The stored runs the params name exist and fit (`Analysis.check_runs`)."""
+    prepared.analysis.check_runs(prepared.params, findings, prepared.model_name)
 
 
 def check_against_model(prepared: PreparedRun, handle: ModelHandle, registry: Any) -> None:

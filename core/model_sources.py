@@ -39,10 +39,19 @@ from .paths import models_cache_dir
 Progress = Callable[[str, float, float | None], None]
 
 MANIFEST = "headscope-manifest.json"
+GGUF_MAGIC = b"GGUF"
+#: weight files transformers loads from a model directory (sharded ones included)
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
 def _no_progress(stage: str, done: float, total: float | None) -> None:
     pass
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as one line for a user: the first line of its text (or its type)."""
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
 
 
 def sha256_file(path: Path, progress: Progress = _no_progress) -> str:
@@ -80,6 +89,10 @@ class ModelSource:
     def is_ready(self) -> bool:
         """True when loading needs no download or conversion."""
         return True
+
+    def check(self) -> None:
+        """Raise `ModelUnavailableError` for files that cannot be a model, before any
+        work (or any stored run) depends on them; cheap: no weights are read."""
 
     def materialise(self, progress: Progress = _no_progress) -> Materialised:
         raise NotImplementedError
@@ -306,15 +319,32 @@ class LocalGGUF(ModelSource):
         manifest = _read_manifest(self.cache_path())
         return bool(manifest and (self.cache_path() / "config.json").exists())
 
-    def materialise(self, progress: Progress = _no_progress) -> Materialised:
+    def check(self) -> None:
         if not self.path.is_file():
             raise ModelUnavailableError(f"GGUF file not found: {self.path}")
+        try:
+            with self.path.open("rb") as handle:
+                magic = handle.read(len(GGUF_MAGIC))
+        except OSError as error:
+            raise ModelUnavailableError(f"cannot read {self.path}: {error.strerror}") from None
+        if magic != GGUF_MAGIC:
+            raise ModelUnavailableError(
+                f"{self.path} is not a GGUF file (it does not start with {GGUF_MAGIC!r})"
+            )
+
+    def materialise(self, progress: Progress = _no_progress) -> Materialised:
+        self.check()
         target = self.cache_path()
         manifest = _read_manifest(target)
         if manifest and (target / "config.json").exists():
             return Materialised(target, manifest["source_sha256"])
         digest = sha256_file(self.path, progress)
-        convert_gguf(self.path, target, digest, progress)
+        try:
+            convert_gguf(self.path, target, digest, progress)
+        except Exception as error:  # a damaged file or an architecture transformers lacks
+            raise ModelUnavailableError(
+                f"{self.path} could not be read as a model: {error_line(error)}"
+            ) from None
         return Materialised(target, digest, converted_now=True)
 
 
@@ -329,11 +359,25 @@ class LocalDirectory(ModelSource):
     def cache_path(self) -> Path:
         return self.path
 
-    def materialise(self, progress: Progress = _no_progress) -> Materialised:
-        if not (self.path / "config.json").exists():
+    def check(self) -> None:
+        config = self.path / "config.json"
+        if not config.is_file():
             raise ModelUnavailableError(
                 f"{self.path} is not a Hugging Face model directory (no config.json)"
             )
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
+            raise ModelUnavailableError(f"{config} is not JSON: {error}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+            raise ModelUnavailableError(f"{config} does not name a model_type")
+        if not any(next(self.path.glob(pattern), None) for pattern in WEIGHT_FILES):
+            raise ModelUnavailableError(
+                f"{self.path} has no weights (no {' or '.join(WEIGHT_FILES)} file)"
+            )
+
+    def materialise(self, progress: Progress = _no_progress) -> Materialised:
+        self.check()
         stamp = max(p.stat().st_mtime_ns for p in self.path.iterdir())
         return Materialised(self.path, f"dir:{stamp}")
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .architectures import ArchitectureAdapter, adapter_for
-from .errors import ContextTooLongError, HeadscopeError, UnknownModelError
+from .errors import ContextTooLongError, HeadscopeError, ModelUnavailableError, UnknownModelError
 from .model_sources import (
     HubRepo,
     LocalDirectory,
@@ -33,6 +33,7 @@ from .model_sources import (
     PyPIGGUF,
     TinyRandom,
     WheelFile,
+    error_line,
 )
 
 
@@ -138,19 +139,32 @@ class ModelRegistry:
             repo_id = name.removeprefix("remote:")
             return ModelSpec(name, HubRepo(repo_id), "remote (NDIF)", remote=True, repo_id=repo_id)
         path = Path(name).expanduser()
-        if path.is_dir():
-            return ModelSpec(name, LocalDirectory(path.resolve()), "local directory")
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise UnknownModelError(f"GGUF file not found: {path}")
-            return ModelSpec(name, LocalGGUF(path.resolve()), "local GGUF file")
-        if "/" in name and not path.exists() and name.count("/") == 1 and not name.startswith("."):
+        try:
+            local = self._local(name, path)
+            exists = path.exists()
+        except OSError as error:  # e.g. a name too long for a path
+            raise UnknownModelError(f"unknown model {name[:100]!r}...: {error.strerror}") from None
+        if local is not None:
+            local.source.check()
+            return local
+        if "/" in name and not exists and name.count("/") == 1 and not name.startswith("."):
             return ModelSpec(name, HubRepo(name), "Hugging Face hub")
         known = ", ".join(self.names())
         raise UnknownModelError(
             f"unknown model {name!r}: not a registered name ({known}), a model directory, "
             "a .gguf file, or an org/name hub id"
         )
+
+    @staticmethod
+    def _local(name: str, path: Path) -> ModelSpec | None:
+        """A spec for a model directory or a .gguf file on disk."""
+        if path.is_dir():
+            return ModelSpec(name, LocalDirectory(path.resolve()), "local directory")
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise UnknownModelError(f"GGUF file not found: {path}")
+            return ModelSpec(name, LocalGGUF(path.resolve()), "local GGUF file")
+        return None
 
 
 @dataclass
@@ -300,8 +314,13 @@ def load_spec(
         materialised = source.materialise(progress)
         started += _import_model_class(materialised.directory)
         progress("load weights", 0, 1)
-        hf_model = AutoModelForCausalLM.from_pretrained(materialised.directory, dtype=dtype)
-        tokenizer = _load_tokenizer(materialised.directory)
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(materialised.directory, dtype=dtype)
+            tokenizer = _load_tokenizer(materialised.directory)
+        except Exception as error:  # damaged weights, an unknown model type, no tokenizer
+            raise ModelUnavailableError(
+                f"{materialised.directory} could not be loaded: {error_line(error)}"
+            ) from None
         progress("load weights", 1, 1)
         cache_path = materialised.directory
     adapter = adapter_for(hf_model.config)

@@ -14,6 +14,13 @@ from pydantic import Field
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 
+# Bounds the front ends check at their edge (CLI options, RPC params, analysis
+# params): run ids, offsets and limits fit the store's 64-bit integers, seeds are
+# 32-bit as numpy and torch take them, names fit the store's name columns.
+MAX_INT = 2**63 - 1
+MAX_SEED = 2**32 - 1
+MAX_NAME_LENGTH = 200
+
 
 @dataclass
 class RunSummary:

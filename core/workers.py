@@ -3,11 +3,12 @@
 nnsight traces on one model must never overlap, so every run on a model goes
 through that model's single worker thread, the only thread that runs its traces;
 runs on different models proceed side by side. `submit` checks the analysis,
-params and model name, records the run (nothing is stored for bad input) and
-returns its id at once; checks that need the loaded model happen when the run
-starts and fail the run with their reason. Cancellation is cooperative: the run
-stops at its next progress point. On `close`, queued runs and runs stopped by the
-shutdown are recorded as interrupted (a user's cancel stays "cancelled").
+params, model name and the stored runs the params name, records the run (nothing
+is stored for bad input) and returns its id at once; checks that need the loaded
+model happen when the run starts and fail the run with their reason. Cancellation
+is cooperative: the run stops at its next progress point. On `close`, queued runs
+and runs stopped by the shutdown are recorded as interrupted (a user's cancel
+stays "cancelled").
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import jobs
+from .analysis import FindingsReader
 from .errors import HeadscopeError
 
 log = logging.getLogger("headscope.workers")
@@ -67,7 +69,8 @@ class ModelWorkers:
     # -- requests ------------------------------------------------------------------------
     def submit(self, analysis: str, model: str, params: dict | None, seed: int = 0) -> int:
         """Validate, record as queued and enqueue; returns the run id."""
-        prepared = jobs.prepare(self.registry, analysis, model, params, seed)
+        findings = FindingsReader(self.store, self.registry)
+        prepared = jobs.prepare(self.registry, analysis, model, params, seed, findings)
         with self._lock:
             if self._closing:
                 raise ShuttingDownError("the service is shutting down; no new runs")

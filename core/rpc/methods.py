@@ -8,14 +8,14 @@ Params are strict (no "5" for 5) and closed (unknown names are errors).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..compare import compare_runs
+from ..compare import MAX_BANDS, compare_runs
 from ..errors import InvalidParamsError
 from ..models import DEFAULT_MODEL
-from ..runs import RUN_STATUSES, run_document
+from ..runs import MAX_INT, MAX_NAME_LENGTH, MAX_SEED, RUN_STATUSES, run_document
 from . import errors as codes
 from . import results
 from .errors import ModelBusyError, RunFailedError, RunNotFinishedError
@@ -27,32 +27,38 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+#: names (analyses, models, metrics) as long as the store keeps them
+Name = Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
+#: run ids, offsets: the store's 64-bit integers
+StoredInt = Annotated[int, Field(le=MAX_INT)]
+
+
 class NoParams(_Params):
     pass
 
 
 class AnalysisName(_Params):
-    name: str = Field(description="Analysis name (see analyses.list).")
+    name: Name = Field(description="Analysis name (see analyses.list).")
 
 
 class ModelName(_Params):
-    name: str = Field(
+    name: Name = Field(
         description="Registered model name, model directory, .gguf file or org/name hub id."
     )
 
 
 class SubmitParams(_Params):
-    analysis: str = Field(description="Analysis name (see analyses.list).")
-    model: str = Field(DEFAULT_MODEL, description="Model name (see models.list).")
+    analysis: Name = Field(description="Analysis name (see analyses.list).")
+    model: Name = Field(DEFAULT_MODEL, description="Model name (see models.list).")
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="The analysis's params (schema: analyses.describe); defaults fill the rest.",
     )
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for every random choice.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for every random choice.")
 
 
 class RunId(_Params):
-    run_id: int = Field(ge=1, description="Run id (from runs.submit or runs.list).")
+    run_id: StoredInt = Field(ge=1, description="Run id (from runs.submit or runs.list).")
 
 
 class GetParams(RunId):
@@ -60,22 +66,22 @@ class GetParams(RunId):
 
 
 class ListParams(_Params):
-    analysis: str | None = Field(None, description="Only runs of this analysis.")
-    model: str | None = Field(None, description="Only runs on this model.")
+    analysis: Name | None = Field(None, description="Only runs of this analysis.")
+    model: Name | None = Field(None, description="Only runs on this model.")
     status: Literal[RUN_STATUSES] | None = Field(None, description="Only runs in this state.")  # type: ignore[valid-type]
     limit: int = Field(50, ge=1, le=500, description="Runs per page, newest first.")
-    offset: int = Field(0, ge=0, description="Runs to skip.")
+    offset: StoredInt = Field(0, ge=0, description="Runs to skip.")
 
 
 class CompareParams(_Params):
-    run_a: int = Field(ge=1)
-    run_b: int = Field(ge=1)
-    metric: str | None = Field(None, description="Head metric for both runs.")
-    metric_a: str | None = Field(None, description="Head metric for run_a (default: primary).")
-    metric_b: str | None = Field(None, description="Head metric for run_b (default: primary).")
-    top_k: int | None = Field(None, ge=1, description="Head set: each run's k best heads.")
+    run_a: StoredInt = Field(ge=1)
+    run_b: StoredInt = Field(ge=1)
+    metric: Name | None = Field(None, description="Head metric for both runs.")
+    metric_a: Name | None = Field(None, description="Head metric for run_a (default: primary).")
+    metric_b: Name | None = Field(None, description="Head metric for run_b (default: primary).")
+    top_k: StoredInt | None = Field(None, ge=1, description="Head set: each run's k best heads.")
     threshold: float | None = Field(None, description="Head set: heads scoring above this.")
-    bands: int = Field(3, ge=1, le=12, description="Layer bands for the per-band overlap.")
+    bands: int = Field(3, ge=1, le=MAX_BANDS, description="Layer bands for the per-band overlap.")
 
     @model_validator(mode="after")
     def _one_rule(self) -> CompareParams:
@@ -85,16 +91,18 @@ class CompareParams(_Params):
 
 
 class FindingsParams(_Params):
-    metric: str | None = Field(
+    metric: Name | None = Field(
         None, description="Head metric; default: the primary metric of the run's or analysis's."
     )
-    run_id: int | None = Field(None, ge=1, description="Only this run (it must have succeeded).")
-    model: str | None = Field(None, description="Only runs on this model.")
-    analysis: str | None = Field(None, description="Only runs of this analysis.")
+    run_id: StoredInt | None = Field(
+        None, ge=1, description="Only this run (it must have succeeded)."
+    )
+    model: Name | None = Field(None, description="Only runs on this model.")
+    analysis: Name | None = Field(None, description="Only runs of this analysis.")
     min_value: float | None = Field(None, description="Only heads scoring at least this.")
     order: Literal["desc", "asc"] = Field("desc", description="Highest scores first, or lowest.")
     limit: int = Field(20, ge=1, le=1000, description="Heads per page.")
-    offset: int = Field(0, ge=0, description="Heads to skip.")
+    offset: StoredInt = Field(0, ge=0, description="Heads to skip.")
 
 
 # ----------------------------------------------------------------------------------
@@ -348,10 +356,11 @@ METHODS: tuple[RpcMethod, ...] = (
         runs_submit,
         results.Submitted,
         "Queue an analysis run; returns its id at once.",
-        "Analysis, model name and params are checked before anything is stored (-32602 "
-        "names each bad field as params.<name>); checks that need the model itself run "
-        "when the run starts and fail the run. Runs on one model execute one at a "
-        "time in submission order; poll runs.get for status and progress.",
+        "Analysis, model name (for a path, its files too), params and the stored runs "
+        "the params name are checked before anything is stored (-32602 names each bad "
+        "field as params.<name>); checks that need the loaded model run when the run "
+        "starts and fail the run. Runs on one model execute one at a time in "
+        "submission order; poll runs.get for status and progress.",
         errors=(*_NAMES, *_MODEL, codes.SHUTTING_DOWN),
     ),
     RpcMethod(

@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from headscope.core.analysis import Analysis, Finding, RunContext
 from headscope.core.compare import select_heads
-from headscope.core.errors import InvalidParamsError
+from headscope.core.errors import InvalidParamsError, param_error
 from headscope.core.plots import head_heatmap
+from headscope.core.runs import MAX_INT
 from headscope.core.tasks import TaskData, prepare_task, score_task
 from headscope.plugins.circuits.evaluation import evaluate_ranking
 from headscope.plugins.circuits.head_patching import describe_task, reference_effects
@@ -71,7 +72,11 @@ class SaeCircuitParams(BaseModel):
     def _reference(cls, value: object) -> object:
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
-        if value is None or value == "auto" or (isinstance(value, str) and value.isdigit()):
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, str) and value.isdigit():
+            if not 1 <= int(value) <= MAX_INT:
+                raise ValueError(f"a reference run id is 1..{MAX_INT}")
             return value
         raise ValueError("reference must be a run id or auto")
 
@@ -85,7 +90,22 @@ class SaeCircuit(Analysis):
     head_selection = ("top", 15)
 
     @classmethod
+    def check_runs(cls, params: SaeCircuitParams, findings, model: str) -> None:
+        if params.reference not in (None, "auto"):
+            run = findings.require_run(int(params.reference), "reference")
+            if run.model != model:
+                raise param_error("reference", f"run {run.id} is on {run.model}, not {model}")
+
+    @classmethod
     def check(cls, params: SaeCircuitParams, handle, registry) -> None:
+        heads = handle.n_layers * handle.n_heads
+        if params.reference is not None and params.reference_top_k >= heads:
+            raise param_error(
+                "reference_top_k",
+                f"{params.reference_top_k} is not below {handle.name}'s {heads} heads "
+                f"({handle.n_layers} layers x {handle.n_heads}): the reference must leave "
+                "some heads out",
+            )
         task = registry.task(params.task)
         data = prepare_task(handle, task, params.n_examples, np.random.default_rng(0))
         if params.train_prompts > 2 * len(data):

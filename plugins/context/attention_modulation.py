@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, model_validator
 
 from headscope.core.analysis import Analysis, Finding, RunContext
+from headscope.core.runs import MAX_INT
 from headscope.core.tracing import HeadMap, check_heads, head_map
 from headscope.plugins.context.faithfulness import Evaluation, evaluate, perplexity
 from headscope.plugins.context.sensitivity import METRICS, context_sensitivity
@@ -56,7 +57,10 @@ class ModulationParams(DatasetParams, SteeringSettings):
     threshold: float | None = Field(None, description="Score above which heads are steered.")
     heads: list[tuple[int, int]] | None = Field(None, description="[[layer, head], ...].")
     from_run: int | None = Field(
-        None, description="Take head scores from this context-heads run instead of scoring now."
+        None,
+        ge=1,
+        le=MAX_INT,
+        description="Take head scores from this context-heads run instead of scoring now.",
     )
     controls: bool = Field(True, description="Also run all-heads and random-heads controls.")
     random_draws: int = Field(
@@ -89,6 +93,13 @@ class AttentionModulation(Analysis):
     summary = "Steer context-sensitive heads; faithfulness and perplexity vs controls."
     Params = ModulationParams
     primary_metric = "selected"
+
+    @classmethod
+    def check_runs(cls, params: ModulationParams, findings, model: str) -> None:
+        if params.from_run is not None and params.selection in ("top_k", "threshold"):
+            run = findings.require_run(params.from_run, "from_run")
+            if run.status == "succeeded":
+                findings.head_scores(params.from_run, params.metric)
 
     @classmethod
     def check(cls, params: ModulationParams, handle, registry) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticSerializationError, to_json
 
 from headscope.core import compare
 from headscope.core import tracing as T
@@ -62,9 +63,15 @@ class SteeringSettings(BaseModel):
 
     @classmethod
     def parse(cls, values: dict[str, Any], what: str = "invalid steering settings"):
-        """Validate raw values; errors name each bad field."""
+        """Validate raw values strictly, as the JSON they arrive as (as analysis params
+        are): "3" and true are not numbers, a JSON list is a tuple. Errors name each
+        bad field."""
         try:
-            return cls.model_validate(values)
+            raw = to_json(dict(values), inf_nan_mode="constants")
+        except PydanticSerializationError as error:
+            raise InvalidParamsError(f"{what}: not JSON values: {error}") from None
+        try:
+            return cls.model_validate_json(raw, strict=True)
         except ValidationError as error:
             raise validation_error(error, what, "(request)") from None
 

@@ -81,6 +81,8 @@ class SteeringRequest(SteeringSettings):
         """`LAYER.HEAD,LAYER.HEAD` (e.g. `17.3,18.6`), as written on the command line."""
         if isinstance(value, float):  # `-p heads=9.0` reads as a number
             raise ValueError(f"{value!r}: write all, LAYER.HEAD,LAYER.HEAD or [[layer, head]]")
+        if isinstance(value, list):  # JSON pairs: validated strictly as tuples
+            return [tuple(head) if isinstance(head, list) else head for head in value]
         if not isinstance(value, str) or value.strip() == "all":
             return value.strip() if isinstance(value, str) else value
         heads = []

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from headscope.core.analysis import Analysis, Finding, RunContext
 from headscope.core.errors import ContextTooLongError, InvalidParamsError
 from headscope.core.plots import head_heatmap, line_plot
+from headscope.core.runs import MAX_INT
 from headscope.core.tracing import (
     AttentionRows,
     UniformAttention,
@@ -154,7 +155,9 @@ class RetrievalParams(BaseModel):
         [500], description="Lengths used for the masking check (None: all)."
     )
     random_draws: int = Field(2, ge=1, le=50, description="Random head sets per test and K.")
-    scores_from: int | None = Field(None, description="Reuse retrieval scores from this run id.")
+    scores_from: int | None = Field(
+        None, ge=1, le=MAX_INT, description="Reuse retrieval scores from this run id."
+    )
 
     @field_validator("lengths")
     @classmethod
@@ -217,6 +220,13 @@ class RetrievalHeads(Analysis):
         shortest = min(params.lengths)
         for needle in inputs.needles:  # fails early if a needle cannot fit
             builder.build(needle, shortest, params.depths[0])
+
+    @classmethod
+    def check_runs(cls, params: RetrievalParams, findings, model: str) -> None:
+        if params.scores_from is not None:
+            run = findings.require_run(params.scores_from, "scores_from")
+            if run.status == "succeeded":
+                findings.head_scores(params.scores_from, "retrieval_score")
 
     @staticmethod
     def _inputs(params: RetrievalParams) -> _Inputs:
