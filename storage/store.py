@@ -353,6 +353,28 @@ class Store:
         with self.engine.connect() as connection:
             return [row._asdict() for row in connection.execute(statement, values)]
 
+    def head_across_runs(
+        self, layer: int, head: int, model: str | None = None, analysis: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every score of one head in succeeded runs, newest run first, then by metric."""
+        query = _filtered(
+            select(
+                HeadScore.run_id,
+                Run.model_name.label("model"),
+                Run.analysis,
+                HeadScore.metric,
+                HeadScore.value,
+            )
+            .join(Run, Run.id == HeadScore.run_id)
+            .where(HeadScore.layer == layer, HeadScore.head == head),
+            analysis,
+            model,
+            "succeeded",
+        )
+        query = query.order_by(HeadScore.run_id.desc(), HeadScore.metric)
+        with self.engine.connect() as connection:
+            return [row._asdict() for row in connection.execute(query)]
+
     def delete_run(self, run_id: int) -> None:
         with self.session() as session, session.begin():
             session.execute(delete(Run).where(Run.id == run_id))

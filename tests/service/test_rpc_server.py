@@ -16,6 +16,7 @@ import pytest
 
 from headscope.storage.store import Store
 
+from helpers.cli import run_cli
 from helpers.rpc import RpcError, Server, request
 
 TINY_DETECTOR = {
@@ -96,6 +97,26 @@ def test_submit_poll_and_query_findings(server):
         ("models.unload", {"name": "tiny-gpt2"}),
     ]:
         check_result(server.discover, method, client.call(method, **params))
+    client.close()
+
+
+def test_findings_top_answers_what_findings_query_answers(server, capsys):
+    run_id = server.finished["run"]["id"]
+    client = server.client()
+    for options, params in [
+        (("--run", str(run_id), "--limit", "5"), {"run_id": run_id, "limit": 5}),
+        (
+            ("--model", "tiny-llama", "--metric", "previous_token", "--order", "asc"),
+            {"model": "tiny-llama", "metric": "previous_token", "order": "asc"},
+        ),
+        (
+            ("--analysis", "head-detector", "--min-value", "0.05", "--offset", "2"),
+            {"analysis": "head-detector", "min_value": 0.05, "offset": 2},
+        ),
+    ]:
+        shown = run_cli(capsys, "findings", "top", *options, "-f", "json", "--db", str(server.db))
+        assert shown.code == 0, shown.err
+        assert shown.json() == client.call("findings.query", **params), options
     client.close()
 
 
