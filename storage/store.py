@@ -33,6 +33,14 @@ from .schema import (
     utcnow,
 )
 
+#: SQL integers are 64-bit: a larger run id (say from a typo) names no run, and a
+#: larger offset skips every row
+_MAX_ID = 2**63 - 1
+
+
+def _storable(number: int) -> bool:
+    return -_MAX_ID - 1 <= number <= _MAX_ID
+
 
 def _summary(run: Run) -> RunSummary:
     return RunSummary(
@@ -178,7 +186,7 @@ class Store:
     def request_cancel(self, run_id: int) -> str:
         """Ask a run to stop; queued runs are cancelled at once. Returns the status."""
         with self.session() as session, session.begin():
-            run = session.get(Run, run_id)
+            run = session.get(Run, run_id) if _storable(run_id) else None
             if run is None:
                 raise RunNotFoundError(f"no run with id {run_id}")
             if run.status in FINISHED:
@@ -253,7 +261,7 @@ class Store:
     # -- reading -------------------------------------------------------------------------
     def get_run(self, run_id: int) -> RunSummary:
         with self.session() as session:
-            run = session.get(Run, run_id)
+            run = session.get(Run, run_id) if _storable(run_id) else None
             if run is None:
                 raise RunNotFoundError(f"no run with id {run_id}")
             return _summary(run)
@@ -266,8 +274,10 @@ class Store:
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunSummary]:
+        if not _storable(offset):
+            return []
         query = _filtered(select(Run), analysis, model, status)
-        query = query.order_by(Run.id.desc()).limit(limit).offset(offset)
+        query = query.order_by(Run.id.desc()).limit(min(limit, _MAX_ID)).offset(offset)
         with self.session() as session:
             return [_summary(r) for r in session.scalars(query)]
 
@@ -279,6 +289,8 @@ class Store:
             return int(session.scalar(query) or 0)
 
     def head_scores(self, run_id: int, metric: str | None = None) -> list[dict[str, Any]]:
+        if not _storable(run_id):
+            return []
         query = (
             select(HeadScore)
             .where(HeadScore.run_id == run_id)
@@ -293,11 +305,15 @@ class Store:
             ]
 
     def head_metrics(self, run_id: int) -> list[str]:
+        if not _storable(run_id):
+            return []
         with self.session() as session:
             query = select(HeadScore.metric).where(HeadScore.run_id == run_id).distinct()
             return sorted(session.scalars(query))
 
     def metrics(self, run_id: int) -> dict[str, float]:
+        if not _storable(run_id):
+            return {}
         with self.session() as session:
             rows = session.scalars(
                 select(RunMetric).where(RunMetric.run_id == run_id).order_by(RunMetric.name)
@@ -338,6 +354,8 @@ class Store:
         Served often (findings.query), so the statement is built once per filter
         combination and rows are read as plain tuples rather than ORM objects.
         """
+        if not (_storable(offset) and (run_id is None or _storable(run_id))):
+            return []
         statement = _top_heads_statement(
             run_id is not None, bool(model), bool(analysis), min_value is not None, descending
         )
@@ -347,7 +365,7 @@ class Store:
             "model": model,
             "analysis": analysis,
             "min_value": min_value,
-            "limit": limit,
+            "limit": min(limit, _MAX_ID),
             "offset": offset,
         }
         with self.engine.connect() as connection:
@@ -357,6 +375,8 @@ class Store:
         self, layer: int, head: int, model: str | None = None, analysis: str | None = None
     ) -> list[dict[str, Any]]:
         """Every score of one head in succeeded runs, newest run first, then by metric."""
+        if not (_storable(layer) and _storable(head)):
+            return []
         query = _filtered(
             select(
                 HeadScore.run_id,

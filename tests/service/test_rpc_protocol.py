@@ -94,6 +94,12 @@ def test_messages_that_break_the_parser_or_the_library_get_sanitised_errors(monk
     assert reply["id"] == 9
 
 
+def test_nan_and_infinity_are_not_json():
+    for body in ('{"jsonrpc": "2.0", "method": "echo", "id": NaN}', "[Infinity]", "-Infinity"):
+        reply = json.loads(ENDPOINT.handle(body))
+        assert reply["error"]["code"] == codes.PARSE_ERROR and reply["id"] is None, body
+
+
 def test_a_batch_is_answered_item_by_item():
     body = json.dumps(
         [
