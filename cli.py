@@ -26,6 +26,7 @@ from rich.table import Table
 from .core.compare import MAX_BANDS
 from .core.errors import HeadscopeError, InvalidParamsError
 from .core.runs import MAX_INT, MAX_SEED, RUN_STATUSES
+from .core.workers import DEFAULT_MAX_QUEUED
 
 APP_SETTINGS: dict[str, Any] = dict(
     help="Find, score and steer attention heads in transformer language models.",
@@ -531,21 +532,39 @@ def runs_show(
 @runs_app.command("export")
 def runs_export(
     run_id: int = RunIdArgument(),
-    format: str = FormatOption("json", "csv (head scores) or json (everything)."),
+    format: str = FormatOption(
+        "json",
+        "csv (head scores, a row each), wide-csv (a layers x heads matrix per metric), "
+        "parquet (head scores, a row each; needs -o) or json (everything).",
+    ),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Write here instead of stdout."
     ),
+    metric: str | None = typer.Option(
+        None, help="Only this head metric (csv, wide-csv and parquet)."
+    ),
     db: str | None = DbOption(),
 ) -> None:
-    """Export a run's findings as CSV or JSON."""
+    """Export a run's findings as CSV, wide CSV, Parquet or JSON."""
     from .core.runs import run_document
-    from .storage.export import head_scores_csv
+    from .storage.export import head_scores_csv, head_scores_wide_csv, write_head_scores_parquet
 
-    _check_format(format, ("csv", "json"))
+    _check_format(format, ("csv", "wide-csv", "parquet", "json"))
+    if format == "json" and metric is not None:
+        raise InvalidParamsError("--metric applies to the csv, wide-csv and parquet formats")
+    if format == "parquet":
+        if output is None:
+            raise InvalidParamsError("--format parquet writes a file: give -o FILE")
+        output_file(output, "export file")
+        rows = write_head_scores_parquet(kit.store(db, mode="read"), run_id, output, metric)
+        err_console.print(f"wrote {output} ({rows} rows)", highlight=False, soft_wrap=True)
+        return
     store = kit.store(db, mode="read")
     text = (
-        head_scores_csv(store, run_id)
+        head_scores_csv(store, run_id, metric)
         if format == "csv"
+        else head_scores_wide_csv(store, run_id, metric)
+        if format == "wide-csv"
         else json.dumps(run_document(store, run_id), indent=2, default=str) + "\n"
     )
     if output is None:
@@ -759,6 +778,175 @@ def plot_command(
         _emit_json({"run_id": run_id, "metric": chosen, "path": str(output)})
     else:
         console.print(f"wrote {output} ({chosen})")
+
+
+# ----------------------------------------------------------------------------------
+# findings across runs, one head across runs, waiting for a run
+# ----------------------------------------------------------------------------------
+findings_app = typer.Typer(help="Query findings across stored runs.", no_args_is_help=True)
+app.add_typer(findings_app, name="findings")
+
+WAIT_POLL_S = 0.5
+
+
+def _options_error(error, renamed: dict[str, str]) -> InvalidParamsError:
+    """A pydantic ValidationError of command options, naming each as its --option."""
+    problems = []
+    for item in error.errors():
+        name = ".".join(map(str, item["loc"]))
+        problems.append(f"{renamed.get(name, '--' + name.replace('_', '-'))}: {item['msg']}")
+    return InvalidParamsError("; ".join(problems))
+
+
+@findings_app.command("top")
+def findings_top(
+    metric: str | None = typer.Option(
+        None, help="Head metric (default: the primary metric of --run's or --analysis's analysis)."
+    ),
+    run: int | None = typer.Option(None, help="Only this run (it must have succeeded)."),
+    model: str | None = typer.Option(None, help="Only runs on this model."),
+    analysis: str | None = typer.Option(None, help="Only runs of this analysis."),
+    min_value: float | None = typer.Option(None, help="Only heads scoring at least this."),
+    order: str = typer.Option("desc", help="desc (highest scores first) or asc."),
+    limit: int = typer.Option(20, help="Heads per page (1-1000)."),
+    offset: int = typer.Option(0, help="Heads to skip."),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Top heads by a metric across succeeded runs (what findings.query answers)."""
+    from pydantic import ValidationError
+
+    from .core.runs import FindingsQuery, query_findings
+
+    _check_format(format, ("table", "json"))
+    try:
+        query = FindingsQuery(
+            metric=metric,
+            run_id=run,
+            model=model,
+            analysis=analysis,
+            min_value=min_value,
+            order=order,
+            limit=limit,
+            offset=offset,
+        )
+    except ValidationError as error:
+        raise _options_error(error, {"run_id": "--run"}) from None
+    page = query_findings(kit.store(db, mode="read"), kit.registry(), query)
+    if format == "json":
+        _emit_json(page)
+        return
+    table = _table(f"heads by {page['metric']}", ("run", "analysis", "model", "layer", "head"))
+    table.add_column(page["metric"], justify="right")
+    for row in page["heads"]:
+        table.add_row(
+            str(row["run_id"]),
+            row["analysis"],
+            row["model"],
+            str(row["layer"]),
+            str(row["head"]),
+            f"{row['value']:.4f}",
+        )
+    console.print(table)
+    if page["next_offset"] is not None:
+        console.print(f"next page: --offset {page['next_offset']}")
+
+
+def _parse_head(text: str) -> tuple[int, int]:
+    layer, dot, head = text.partition(".")
+    if not (dot and layer.isdigit() and head.isdigit()):
+        raise InvalidParamsError(f"head {text!r} is not LAYER.HEAD (e.g. 5.3)")
+    return int(layer), int(head)
+
+
+@runs_app.command("head")
+def runs_head(
+    head: str = typer.Argument(..., help="The head as LAYER.HEAD, e.g. 5.3."),
+    model: str | None = typer.Option(None, help="Only runs on this model."),
+    analysis: str | None = typer.Option(None, help="Only runs of this analysis."),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """One head across every succeeded run: each run's scores for it, newest run first."""
+    from .core.runs import model_name
+
+    _check_format(format, ("table", "json"))
+    layer, index = _parse_head(head)
+    rows = kit.store(db, mode="read").head_across_runs(
+        layer, index, model_name(kit.registry(), model), analysis
+    )
+    runs: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        entry = runs.setdefault(
+            row["run_id"],
+            {"run_id": row["run_id"], "analysis": row["analysis"], "model": row["model"]},
+        )
+        entry.setdefault("scores", {})[row["metric"]] = row["value"]
+    if format == "json":
+        _emit_json({"layer": layer, "head": index, "runs": list(runs.values())})
+        return
+    if not runs:
+        console.print(f"no succeeded run has scores for head {layer}.{index}", highlight=False)
+        return
+    table = _table(f"head {layer}.{index}", ("run", "analysis", "model", "metric"))
+    table.add_column("value", justify="right")
+    for entry in runs.values():
+        scores = list(entry["scores"].items())
+        for i, (name, value) in enumerate(scores):
+            first = i == 0
+            table.add_row(
+                str(entry["run_id"]) if first else "",
+                entry["analysis"] if first else "",
+                entry["model"] if first else "",
+                name,
+                f"{value:.4f}",
+                end_section=i == len(scores) - 1,
+            )
+    console.print(table)
+
+
+@runs_app.command("wait")
+def runs_wait(
+    run_id: int = RunIdArgument(),
+    timeout: float | None = typer.Option(
+        None, help="Give up after this many seconds (default: as long as it takes)."
+    ),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Wait until a run has finished, showing its progress; exit 0 if it succeeded."""
+    import time
+
+    from .core.runs import FINISHED
+
+    _check_format(format, ("table", "json"))
+    if timeout is not None and timeout < 0:
+        raise InvalidParamsError("--timeout cannot be negative")
+    store = kit.store(db, mode="read")
+    run = store.get_run(run_id)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    stage = f"run {run_id} ({run.analysis})"
+    with progress_bar(format != "json" and run.status not in FINISHED) as progress:
+        while run.status not in FINISHED:
+            progress(stage, run.progress_done or 0, run.progress_total)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise HeadscopeError(f"run {run_id} is still {run.status} after {timeout:g} s")
+            time.sleep(WAIT_POLL_S if left is None else min(WAIT_POLL_S, left))
+            store.mark_interrupted(only_dead_owners=True)  # its process may have died
+            run = store.get_run(run_id)
+            if run.progress_total:  # a finished run shows its last progress too
+                progress(stage, run.progress_done or 0, run.progress_total)
+    if format == "json":
+        _emit_json(run.as_dict())
+    else:
+        console.print(
+            f"run {run_id}: [{_status_style(run.status)}]{run.status}[/]"
+            + (f" ({run.error})" if run.error else ""),
+            highlight=False,
+        )
+    if run.status != "succeeded":
+        raise SystemExit(1)
 
 
 # ----------------------------------------------------------------------------------
@@ -1091,6 +1279,11 @@ def serve_command(
         help="CPU threads per running analysis (default: all cores but one, which is "
         "left to answer requests while analyses run).",
     ),
+    max_queued: int = typer.Option(
+        DEFAULT_MAX_QUEUED,
+        help="Runs that may wait in the queue at once; beyond it runs.submit answers "
+        "-32009 (queue full) and stores nothing.",
+    ),
     format: str = FormatOption(
         help="Announce the address and shutdown as a line on stderr (table) or a JSON "
         "line on stdout (json; on stderr with --stdio)."
@@ -1111,6 +1304,8 @@ def serve_command(
         raise InvalidParamsError("--shutdown-timeout cannot be negative")
     if torch_threads is not None and torch_threads < 1:
         raise InvalidParamsError("--torch-threads must be at least 1")
+    if max_queued < 1:
+        raise InvalidParamsError("--max-queued must be at least 1")
     logging.basicConfig(
         level=logging.WARNING,
         stream=sys.stderr,
@@ -1135,7 +1330,7 @@ def serve_command(
         from .storage.store import Store
 
         threads = torch_threads or serve.default_torch_threads()
-        return Service.open(Store(db), kit.registry(), threads)
+        return Service.open(Store(db), kit.registry(), threads, max_queued)
 
     if stdio:
         serve.serve_stdin(open_service, announce, max_request_bytes, shutdown_timeout)
@@ -1157,7 +1352,9 @@ def main() -> None:
         kit.reset()
         build_app(kit)()
     except HeadscopeError as error:
-        err_console.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]Error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+        )
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         err_console.print("Interrupted.")

@@ -49,6 +49,22 @@ class RunNotFoundError(HeadscopeError):
     """No stored run has this id."""
 
 
+class RunFailedError(HeadscopeError):
+    """Results were asked of a run that ended without them."""
+
+    def __init__(self, message: str, run_id: int, status: str, error: str | None):
+        super().__init__(message)
+        self.data = {"run_id": run_id, "status": status, "error": error}
+
+
+class RunNotFinishedError(HeadscopeError):
+    """Results were asked of a run that is still queued or running."""
+
+    def __init__(self, message: str, run_id: int, status: str):
+        super().__init__(message)
+        self.data = {"run_id": run_id, "status": status}
+
+
 class CancelledError(HeadscopeError):
     """The run was cancelled cooperatively."""
 

@@ -5,10 +5,12 @@ through that model's single worker thread, the only thread that runs its traces;
 runs on different models proceed side by side. `submit` checks the analysis,
 params, model name and the stored runs the params name, records the run (nothing
 is stored for bad input) and returns its id at once; checks that need the loaded
-model happen when the run starts and fail the run with their reason. Cancellation
-is cooperative: the run stops at its next progress point. On `close`, queued runs
-and runs stopped by the shutdown are recorded as interrupted (a user's cancel
-stays "cancelled").
+model happen when the run starts and fail the run with their reason. At most `max_queued` runs wait at once,
+across models: beyond that `submit` refuses and stores nothing, so a client in a
+loop cannot fill the store with runs that would wait for hours. Cancellation is
+cooperative: the run stops at its next progress point. On `close`, queued runs and
+runs stopped by the shutdown are recorded as interrupted (a user's cancel stays
+"cancelled").
 """
 
 from __future__ import annotations
@@ -28,10 +30,22 @@ from .errors import HeadscopeError
 log = logging.getLogger("headscope.workers")
 
 STOPPED_BY_SHUTDOWN = "the service stopped before the run finished"
+DEFAULT_MAX_QUEUED = 100
 
 
 class ShuttingDownError(HeadscopeError):
     """No new runs: the workers are closing."""
+
+
+class QueueFullError(HeadscopeError):
+    """No new runs for now: as many runs as allowed are waiting."""
+
+    def __init__(self, max_queued: int):
+        super().__init__(
+            f"the queue is full: {max_queued} runs are waiting; "
+            "submit again when some have started, or cancel some"
+        )
+        self.data = {"max_queued": max_queued}
 
 
 def settle_heap() -> None:
@@ -52,14 +66,28 @@ class _Job:
     prepared: jobs.PreparedRun
     stop: threading.Event = field(default_factory=threading.Event)
     shutdown: bool = False  # stopped because the service is closing
+    started: bool = False  # its worker has taken it from the queue
+
+    @property
+    def waiting(self) -> bool:
+        """Queued and still to run (a cancelled run is only waiting to be dropped)."""
+        return not self.started and not self.stop.is_set()
 
 
 class ModelWorkers:
     """Queues and runs analyses, one thread per model name."""
 
-    def __init__(self, store: Any, registry: Any, pool: Any, torch_threads: int | None = None):
+    def __init__(
+        self,
+        store: Any,
+        registry: Any,
+        pool: Any,
+        torch_threads: int | None = None,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ):
         self.store, self.registry, self.pool = store, registry, pool
         self.torch_threads = torch_threads  # per worker; None: torch's default
+        self.max_queued = max_queued
         self._queues: dict[str, queue.Queue[_Job | None]] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._active: dict[int, _Job] = {}  # queued or running, by run id
@@ -74,6 +102,8 @@ class ModelWorkers:
         with self._lock:
             if self._closing:
                 raise ShuttingDownError("the service is shutting down; no new runs")
+            if sum(job.waiting for job in self._active.values()) >= self.max_queued:
+                raise QueueFullError(self.max_queued)
             run_id = jobs.record(self.store, prepared)
             job = _Job(run_id, prepared)
             self._active[run_id] = job
@@ -144,6 +174,7 @@ class ModelWorkers:
 
             torch.set_num_threads(self.torch_threads)
         while (job := waiting.get()) is not None:
+            job.started = True
             try:
                 self._run(job)
             except Exception:  # the store failed: keep the worker alive for the next run

@@ -42,6 +42,14 @@ from .schema import (
     utcnow,
 )
 
+#: SQL integers are 64-bit: a larger run id (say from a typo) names no run, and a
+#: larger offset skips every row
+_MAX_ID = 2**63 - 1
+
+
+def _storable(number: int) -> bool:
+    return -_MAX_ID - 1 <= number <= _MAX_ID
+
 
 def _summary(run: Run) -> RunSummary:
     return RunSummary(
@@ -219,7 +227,7 @@ class Store:
     def request_cancel(self, run_id: int) -> str:
         """Ask a run to stop; queued runs are cancelled at once. Returns the status."""
         with self.session() as session, session.begin():
-            run = session.get(Run, run_id)
+            run = session.get(Run, run_id) if _storable(run_id) else None
             if run is None:
                 raise RunNotFoundError(f"no run with id {run_id}")
             if run.status in FINISHED:
@@ -301,7 +309,7 @@ class Store:
     # -- reading -------------------------------------------------------------------------
     def get_run(self, run_id: int) -> RunSummary:
         with self.session() as session:
-            run = session.get(Run, run_id)
+            run = session.get(Run, run_id) if _storable(run_id) else None
             if run is None:
                 raise RunNotFoundError(f"no run with id {run_id}")
             return _summary(run)
@@ -314,8 +322,10 @@ class Store:
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunSummary]:
+        if not _storable(offset):
+            return []
         query = _filtered(select(Run), analysis, model, status)
-        query = query.order_by(Run.id.desc()).limit(limit).offset(offset)
+        query = query.order_by(Run.id.desc()).limit(min(limit, _MAX_ID)).offset(offset)
         with self.session() as session:
             return [_summary(r) for r in session.scalars(query)]
 
@@ -329,6 +339,8 @@ class Store:
     def head_scores(self, run_id: int, metric: str | None = None) -> list[dict[str, Any]]:
         """Rows by metric, layer, head; names sorted here, by code point, because the
         database's collation (PostgreSQL's locale) would order them differently."""
+        if not _storable(run_id):
+            return []
         query = select(HeadScore).where(HeadScore.run_id == run_id)
         if metric:
             query = query.where(HeadScore.metric == metric)
@@ -340,12 +352,16 @@ class Store:
             ]
 
     def head_metrics(self, run_id: int) -> list[str]:
+        if not _storable(run_id):
+            return []
         with self.session() as session:
             query = select(HeadScore.metric).where(HeadScore.run_id == run_id).distinct()
             return sorted(session.scalars(query))
 
     def metrics(self, run_id: int) -> dict[str, float]:
         """By name, sorted by code point as head_scores are."""
+        if not _storable(run_id):
+            return {}
         with self.session() as session:
             rows = session.scalars(select(RunMetric).where(RunMetric.run_id == run_id))
             return {r.name: r.value for r in sorted(rows, key=lambda r: r.name)}
@@ -384,6 +400,8 @@ class Store:
         Served often (findings.query), so the statement is built once per filter
         combination and rows are read as plain tuples rather than ORM objects.
         """
+        if not (_storable(offset) and (run_id is None or _storable(run_id))):
+            return []
         statement = _top_heads_statement(
             run_id is not None, bool(model), bool(analysis), min_value is not None, descending
         )
@@ -393,11 +411,35 @@ class Store:
             "model": model,
             "analysis": analysis,
             "min_value": min_value,
-            "limit": limit,
+            "limit": min(limit, _MAX_ID),
             "offset": offset,
         }
         with self.engine.connect() as connection:
             return [row._asdict() for row in connection.execute(statement, values)]
+
+    def head_across_runs(
+        self, layer: int, head: int, model: str | None = None, analysis: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every score of one head in succeeded runs, newest run first, then by metric."""
+        if not (_storable(layer) and _storable(head)):
+            return []
+        query = _filtered(
+            select(
+                HeadScore.run_id,
+                Run.model_name.label("model"),
+                Run.analysis,
+                HeadScore.metric,
+                HeadScore.value,
+            )
+            .join(Run, Run.id == HeadScore.run_id)
+            .where(HeadScore.layer == layer, HeadScore.head == head),
+            analysis,
+            model,
+            "succeeded",
+        )
+        query = query.order_by(HeadScore.run_id.desc(), HeadScore.metric)
+        with self.engine.connect() as connection:
+            return [row._asdict() for row in connection.execute(query)]
 
     # -- removing ------------------------------------------------------------------------
     def run_ids(

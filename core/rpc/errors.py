@@ -15,11 +15,13 @@ from ..errors import (
     IntegrityError,
     InvalidParamsError,
     ModelUnavailableError,
+    RunFailedError,
+    RunNotFinishedError,
     RunNotFoundError,
     UnknownAnalysisError,
     UnknownModelError,
 )
-from ..workers import ShuttingDownError
+from ..workers import QueueFullError, ShuttingDownError
 
 # JSON-RPC 2.0
 PARSE_ERROR = -32700
@@ -38,6 +40,7 @@ RUN_NOT_FINISHED = -32005
 MODEL_UNAVAILABLE = -32006
 MODEL_BUSY = -32007
 SHUTTING_DOWN = -32008
+QUEUE_FULL = -32009
 UNAUTHORIZED = -32010
 REQUEST_TOO_LARGE = -32011
 
@@ -57,25 +60,10 @@ ERRORS: dict[int, tuple[str, str]] = {
     MODEL_UNAVAILABLE: ("Model unavailable", "the model is known but cannot be obtained here"),
     MODEL_BUSY: ("Model busy", "runs are queued or running on the model"),
     SHUTTING_DOWN: ("Shutting down", "the service is stopping and takes no new runs"),
+    QUEUE_FULL: ("Queue full", "as many runs as the service allows are queued; nothing was stored"),
     UNAUTHORIZED: ("Unauthorized", "missing or wrong bearer token (HTTP 401)"),
     REQUEST_TOO_LARGE: ("Request too large", "the message exceeds the size limit (HTTP 413)"),
 }
-
-
-class RunFailedError(HeadscopeError):
-    """Results were asked of a run that ended without them."""
-
-    def __init__(self, message: str, run_id: int, status: str, error: str | None):
-        super().__init__(message)
-        self.data = {"run_id": run_id, "status": status, "error": error}
-
-
-class RunNotFinishedError(HeadscopeError):
-    """Results were asked of a run that is still queued or running."""
-
-    def __init__(self, message: str, run_id: int, status: str):
-        super().__init__(message)
-        self.data = {"run_id": run_id, "status": status}
 
 
 class ModelBusyError(HeadscopeError):
@@ -93,6 +81,7 @@ _CODES: tuple[tuple[type[HeadscopeError], int], ...] = (
     (IntegrityError, MODEL_UNAVAILABLE),
     (ModelBusyError, MODEL_BUSY),
     (ShuttingDownError, SHUTTING_DOWN),
+    (QueueFullError, QUEUE_FULL),
 )
 
 

@@ -8,29 +8,33 @@ Params are strict (no "5" for 5) and closed (unknown names are errors).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..compare import MAX_BANDS, compare_runs
 from ..errors import InvalidParamsError
 from ..models import DEFAULT_MODEL
-from ..runs import MAX_INT, MAX_NAME_LENGTH, MAX_SEED, RUN_STATUSES, run_document
+from ..runs import (
+    MAX_SEED,
+    RUN_STATUSES,
+    FindingsQuery,
+    Name,
+    StoredInt,
+    model_name,
+    query_findings,
+    require_succeeded,
+    run_document,
+)
 from . import errors as codes
 from . import results
-from .errors import ModelBusyError, RunFailedError, RunNotFinishedError
+from .errors import ModelBusyError
 from .protocol import RpcMethod
 from .service import Service
 
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-#: names (analyses, models, metrics) as long as the store keeps them
-Name = Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
-#: run ids, offsets: the store's 64-bit integers
-StoredInt = Annotated[int, Field(le=MAX_INT)]
 
 
 class NoParams(_Params):
@@ -88,21 +92,6 @@ class CompareParams(_Params):
         if self.top_k is not None and self.threshold is not None:
             raise ValueError("give top_k or threshold, not both")
         return self
-
-
-class FindingsParams(_Params):
-    metric: Name | None = Field(
-        None, description="Head metric; default: the primary metric of the run's or analysis's."
-    )
-    run_id: StoredInt | None = Field(
-        None, ge=1, description="Only this run (it must have succeeded)."
-    )
-    model: Name | None = Field(None, description="Only runs on this model.")
-    analysis: Name | None = Field(None, description="Only runs of this analysis.")
-    min_value: float | None = Field(None, description="Only heads scoring at least this.")
-    order: Literal["desc", "asc"] = Field("desc", description="Highest scores first, or lowest.")
-    limit: int = Field(20, ge=1, le=1000, description="Heads per page.")
-    offset: StoredInt = Field(0, ge=0, description="Heads to skip.")
 
 
 # ----------------------------------------------------------------------------------
@@ -194,7 +183,7 @@ def runs_get(service: Service, params: GetParams) -> dict[str, Any]:
 
 
 def runs_list(service: Service, params: ListParams) -> dict[str, Any]:
-    model = _model_name(service, params.model)
+    model = model_name(service.registry, params.model)
     runs = service.store.list_runs(
         params.analysis, model, params.status, params.limit, params.offset
     )
@@ -212,7 +201,7 @@ def runs_cancel(service: Service, params: RunId) -> dict[str, Any]:
 
 def runs_compare(service: Service, params: CompareParams) -> dict[str, Any]:
     for run_id in (params.run_a, params.run_b):
-        _require_succeeded(service, run_id)
+        require_succeeded(service.store, run_id)
     rule, value = (
         ("top", params.top_k)
         if params.top_k is not None
@@ -233,66 +222,14 @@ def runs_compare(service: Service, params: CompareParams) -> dict[str, Any]:
     )
 
 
-def findings_query(service: Service, params: FindingsParams) -> dict[str, Any]:
-    analysis_name = params.analysis
-    if params.run_id is not None:
-        analysis_name = analysis_name or _require_succeeded(service, params.run_id).analysis
-    metric = service.registry.head_metric(analysis_name, params.metric)
-    if metric is None:
-        raise InvalidParamsError(
-            "metric is required unless run_id or analysis names an analysis with a primary metric",
-            [{"field": "metric", "message": "Field required"}],
-        )
-    heads = service.store.top_heads(
-        metric,
-        run_id=params.run_id,
-        model=_model_name(service, params.model),
-        analysis=params.analysis,
-        limit=params.limit,
-        offset=params.offset,
-        min_value=params.min_value,
-        descending=params.order == "desc",
-    )
-    full_page = len(heads) == params.limit
-    return {
-        "metric": metric,
-        "limit": params.limit,
-        "offset": params.offset,
-        "next_offset": params.offset + len(heads) if full_page else None,
-        "heads": heads,
-    }
+def findings_query(service: Service, params: FindingsQuery) -> dict[str, Any]:
+    return query_findings(service.store, service.registry, params)
 
 
 def rpc_discover(service: Service, _: NoParams) -> dict[str, Any]:
     from .openrpc import openrpc_document
 
     return openrpc_document(service_methods(service.registry), service.registry)
-
-
-# ----------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------
-def _model_name(service: Service, name: str | None) -> str | None:
-    """Registered aliases mean their model (`smollm2` -> `smollm2-135m`)."""
-    if not name:
-        return None
-    spec = service.registry.models.get(name)
-    return spec.name if spec is not None else name
-
-
-def _require_succeeded(service: Service, run_id: int) -> Any:
-    run = service.store.get_run(run_id)
-    if run.status in ("queued", "running"):
-        raise RunNotFinishedError(f"run {run_id} is {run.status}", run_id, run.status)
-    if run.status != "succeeded":
-        raise RunFailedError(
-            f"run {run_id} has no results: it {run.status}"
-            + (f" ({run.error})" if run.error else ""),
-            run_id,
-            run.status,
-            run.error,
-        )
-    return run
 
 
 # ----------------------------------------------------------------------------------
@@ -360,8 +297,9 @@ METHODS: tuple[RpcMethod, ...] = (
         "the params name are checked before anything is stored (-32602 names each bad "
         "field as params.<name>); checks that need the loaded model run when the run "
         "starts and fail the run. Runs on one model execute one at a time in "
-        "submission order; poll runs.get for status and progress.",
-        errors=(*_NAMES, *_MODEL, codes.SHUTTING_DOWN),
+        "submission order; poll runs.get for status and progress. When as many runs "
+        "as the service allows are queued, the run is refused (-32009) and not stored.",
+        errors=(*_NAMES, *_MODEL, codes.SHUTTING_DOWN, codes.QUEUE_FULL),
     ),
     RpcMethod(
         "runs.get",
@@ -399,7 +337,7 @@ METHODS: tuple[RpcMethod, ...] = (
     ),
     RpcMethod(
         "findings.query",
-        FindingsParams,
+        FindingsQuery,
         findings_query,
         results.FindingsPage,
         "Top heads by a metric, for a run, a model or an analysis.",

@@ -85,7 +85,7 @@ class Endpoint:
     def _handle(self, body: bytes | str) -> str | None:
         try:
             text = body.decode("utf-8") if isinstance(body, bytes) else body
-            message = json.loads(text)
+            message = json.loads(text, parse_constant=_not_json)
         except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
             return encode(error_response(PARSE_ERROR, data=str(error)))
         except RecursionError:
@@ -114,6 +114,11 @@ class Endpoint:
             request_id = request.get("id")
             return {**failed, "id": request_id if isinstance(request_id, str | int) else None}
         return reply
+
+
+def _not_json(constant: str) -> Any:
+    """NaN and Infinity are not JSON (Python's parser accepts them; no reply could echo them)."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 _REQUEST_KEYS = frozenset({"jsonrpc", "method", "params", "id"})

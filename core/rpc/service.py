@@ -13,7 +13,7 @@ from typing import Any
 
 from ..models import ModelPool
 from ..plugins import Registry
-from ..workers import ModelWorkers, settle_heap
+from ..workers import DEFAULT_MAX_QUEUED, ModelWorkers, settle_heap
 
 log = logging.getLogger("headscope.service")
 
@@ -27,7 +27,13 @@ class Service:
     recovered: list[int]
 
     @classmethod
-    def open(cls, store: Any, registry: Registry, torch_threads: int | None = None) -> Service:
+    def open(
+        cls,
+        store: Any,
+        registry: Registry,
+        torch_threads: int | None = None,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> Service:
         recovered = store.mark_interrupted(only_dead_owners=True)
         if recovered:
             log.info("marked runs left by a stopped process as interrupted: %s", recovered)
@@ -35,7 +41,7 @@ class Service:
             if plugin.error:
                 log.warning("plugin %s failed to load: %s", plugin.name, plugin.error)
         pool = ModelPool(registry.models)
-        workers = ModelWorkers(store, registry, pool, torch_threads)
+        workers = ModelWorkers(store, registry, pool, torch_threads, max_queued)
         settle_heap()  # the libraries and plugins just imported live as long as we do
         return cls(store, registry, pool, workers, recovered)
 

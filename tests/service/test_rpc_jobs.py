@@ -78,6 +78,33 @@ def test_cancel_queued_and_running_runs(tmp_path, plugin_env):
         assert server.stop() == 0
 
 
+def test_a_full_queue_refuses_runs_and_stores_nothing(tmp_path, plugin_env):
+    server = Server(tmp_path / "queue.db", "--max-queued", "2", env=plugin_env)
+    client = server.client()
+    try:
+        running = submit_wait(client, 60)
+        wait_until_running(client, running)  # a running run does not count
+        queued = [submit_wait(client, 60), submit_wait(client, 60)]
+        total = client.call("runs.list")["total"]
+        with pytest.raises(RpcError) as full:
+            submit_wait(client, 60)
+        assert full.value.code == -32009 and full.value.data == {"max_queued": 2}
+        assert "queue is full" in full.value.message
+        assert client.call("runs.list")["total"] == total == 3  # nothing stored
+        with pytest.raises(RpcError) as invalid:  # bad input is still reported as such
+            client.call("runs.submit", analysis="example-wait", params={"seconds": -1})
+        assert invalid.value.code == -32602
+
+        client.call("runs.cancel", run_id=queued[0])  # a cancelled run frees its place
+        again = submit_wait(client, 0.1)
+        assert client.call("runs.get", run_id=again)["run"]["status"] == "queued"
+        for run_id in (running, queued[1], again):
+            client.call("runs.cancel", run_id=run_id)
+    finally:
+        client.close()
+        assert server.stop() == 0
+
+
 def test_restart_marks_runs_of_a_dead_server_interrupted(tmp_path, plugin_env):
     db = tmp_path / "recover.db"
     first = Server(db, env=plugin_env)

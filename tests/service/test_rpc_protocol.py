@@ -94,6 +94,12 @@ def test_messages_that_break_the_parser_or_the_library_get_sanitised_errors(monk
     assert reply["id"] == 9
 
 
+def test_nan_and_infinity_are_not_json():
+    for body in ('{"jsonrpc": "2.0", "method": "echo", "id": NaN}', "[Infinity]", "-Infinity"):
+        reply = json.loads(ENDPOINT.handle(body))
+        assert reply["error"]["code"] == codes.PARSE_ERROR and reply["id"] is None, body
+
+
 def test_a_batch_is_answered_item_by_item():
     body = json.dumps(
         [
@@ -244,3 +250,25 @@ def test_serve_rejects_bad_options_in_one_line(capsys):
     ]:
         result = run_cli(capsys, "serve", *args)
         assert result.code == 1 and problem in result.err and "Traceback" not in result.err
+
+
+def test_serve_needs_room_for_one_queued_run(capsys):
+    from helpers.cli import run_cli
+
+    result = run_cli(capsys, "serve", "--max-queued", "0")
+    assert result.code == 1 and "--max-queued must be at least 1" in result.err
+
+
+def test_queue_full_is_a_documented_error_of_runs_submit():
+    from headscope.core.plugins import build_registry
+    from headscope.core.rpc.methods import service_methods
+    from headscope.core.workers import QueueFullError
+
+    (submit,) = [m for m in service_methods(build_registry()) if m.name == "runs.submit"]
+    assert codes.QUEUE_FULL in submit.errors
+    assert codes.error_object(QueueFullError(5)) == (
+        codes.QUEUE_FULL,
+        "the queue is full: 5 runs are waiting; submit again when some have started, or "
+        "cancel some",
+        {"max_queued": 5},
+    )

@@ -17,6 +17,7 @@ import pytest
 
 from headscope.storage.store import Store
 
+from helpers.cli import run_cli
 from helpers.rpc import RpcError, Server, request
 
 TINY_DETECTOR = {
@@ -119,6 +120,26 @@ def test_serve_refuses_a_database_that_is_not_headscope_s(tmp_path):
     connection.close()
     with pytest.raises(RuntimeError, match="is not a headscope database"):
         Server(db)
+
+
+def test_findings_top_answers_what_findings_query_answers(server, capsys):
+    run_id = server.finished["run"]["id"]
+    client = server.client()
+    for options, params in [
+        (("--run", str(run_id), "--limit", "5"), {"run_id": run_id, "limit": 5}),
+        (
+            ("--model", "tiny-llama", "--metric", "previous_token", "--order", "asc"),
+            {"model": "tiny-llama", "metric": "previous_token", "order": "asc"},
+        ),
+        (
+            ("--analysis", "head-detector", "--min-value", "0.05", "--offset", "2"),
+            {"analysis": "head-detector", "min_value": 0.05, "offset": 2},
+        ),
+    ]:
+        shown = run_cli(capsys, "findings", "top", *options, "-f", "json", "--db", str(server.db))
+        assert shown.code == 0, shown.err
+        assert shown.json() == client.call("findings.query", **params), options
+    client.close()
 
 
 def test_eight_concurrent_clients_get_consistent_answers(server):
@@ -384,7 +405,7 @@ def test_a_body_announced_larger_than_it_is_gets_413_quickly(server):
     started = time.monotonic()
     with socket.create_connection((host, port), timeout=30) as raw:
         raw.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n{}")
-        reply = raw.recv(4096)
+        reply = b"".join(iter(lambda: raw.recv(4096), b""))  # until the server closes
     assert reply.startswith(b"HTTP/1.1 413") and b"-32011" in reply
     assert time.monotonic() - started < 30  # well before the 60 s idle timeout
     assert server.client().call("runs.list", limit=1)["total"] >= 1

@@ -631,3 +631,19 @@ def test_a_removed_run_s_id_is_never_given_again(tmp_path):
     assert new_run(store) == last + 1
     store.delete_runs([first, last + 1], force=True)
     assert new_run(store) == last + 2
+
+
+def test_numbers_beyond_sql_integers_name_nothing(tmp_path):
+    store = Store(str(tmp_path / "f.db"))
+    run_id = new_run(store)
+    store.finish_run(run_id, [(0, 1, "s", 0.5)], {"m": 1.0})
+    huge = 2**63
+    for call in (store.get_run, store.request_cancel):
+        with pytest.raises(RunNotFoundError, match=f"no run with id {huge}"):
+            call(huge)
+    assert store.head_scores(huge) == [] and store.metrics(huge) == {}
+    assert store.head_metrics(-huge - 1) == []
+    assert store.list_runs(offset=huge) == [] and len(store.list_runs(limit=huge)) == 1
+    assert store.top_heads("s", offset=huge) == [] and store.top_heads("s", run_id=huge) == []
+    assert len(store.top_heads("s", limit=huge)) == 1
+    assert store.head_across_runs(huge, 1) == [] and len(store.head_across_runs(0, 1)) == 1
