@@ -54,7 +54,8 @@ two runs, or read headscope://runs/<run_id> (the full run) and
 headscope://runs/<run_id>/heatmaps/<metric> (a PNG heatmap). A tool named like
 runs_get is the JSON-RPC method runs.get of `headscope serve`, with the same
 params. Model names: models_list; the default model is smollm2-135m, and
-tiny-llama is a small random model for trying things out in seconds."""
+tiny-llama is a small random model (its scores mean nothing) for trying things
+out in seconds."""
 
 
 def build_server(service: Any) -> Server:

@@ -45,9 +45,10 @@ RUN_FIELDS = ("model", "seed")  # the run's own fields beside an analysis's para
 JOB_NOTE = (
     "Starts a run in the background and returns its run_id at once: poll runs_get "
     "until its status is succeeded, then read the top heads with findings_query or "
-    "the resource headscope://runs/<run_id>. With default params a run takes seconds "
-    f"on tiny-llama and from about a minute to hours on {DEFAULT_MODEL} on a laptop "
-    "CPU, depending on the analysis (docs/mcp.md lists measured times)."
+    "the resource headscope://runs/<run_id>. How long a run takes depends on the "
+    f"analysis, its params and the machine: with defaults on {DEFAULT_MODEL}, from "
+    "under a minute to tens of minutes on a 2-core CPU (docs/mcp.md lists measured "
+    "times); on tiny-llama, seconds where the defaults fit it."
 )
 
 
