@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 from mcp import MCPError
@@ -154,6 +155,35 @@ def test_bad_resources_are_errors_with_headscope_codes(session, uri, code, says)
         session.read(uri)
     assert failed.value.code == code and says in failed.value.message
     assert session.tools()  # the connection goes on
+
+
+def test_resource_pages_take_only_the_cursors_given(session):
+    with pytest.raises(MCPError) as failed:
+        session.portal.call(partial(session.client.list_resources, cursor="page two"))
+    assert failed.value.code == -32602 and "page two" in failed.value.message
+    last = session.portal.call(partial(session.client.list_resources, cursor="50"))
+    assert last.resources == [] and last.next_cursor is None
+
+
+def test_an_analysis_with_a_param_named_model_gets_no_tool(caplog):
+    from pydantic import BaseModel
+
+    from headscope.core.analysis import Analysis
+    from headscope.core.mcp.tools import build_tools
+    from headscope.core.plugins import Registry
+
+    class ClashParams(BaseModel):
+        model: str = "mine"
+
+    class Clash(Analysis):
+        name = "clash"
+        Params = ClashParams
+
+    registry = Registry()
+    registry.analyses["clash"] = Clash
+    tools = build_tools(registry)
+    assert "run_clash" not in tools and "runs_get" in tools
+    assert "analysis clash has params named ['model']" in caplog.text
 
 
 def test_steered_generation_is_the_rpc_method(session):
