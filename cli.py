@@ -1346,6 +1346,45 @@ def serve_command(
         )
 
 
+@app.command("mcp")
+def mcp_command(
+    torch_threads: int | None = typer.Option(
+        None,
+        help="CPU threads per running analysis (default: all cores but one, which is "
+        "left to answer requests while analyses run).",
+    ),
+    db: str | None = DbOption(),
+) -> None:
+    """Serve MCP on stdin/stdout for LLM agents (see docs/mcp.md) until end of input or SIGTERM."""
+    import logging
+
+    from .core.mcp.server import serve_stdio
+    from .core.rpc.serve import default_torch_threads
+
+    if torch_threads is not None and torch_threads < 1:
+        raise InvalidParamsError("--torch-threads must be at least 1")
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("headscope").setLevel(logging.INFO)
+
+    def announce(event: dict[str, Any]) -> None:
+        if event["event"] == "ready":
+            err_console.print(f"headscope MCP on stdin/stdout (pid {event['pid']})")
+        else:
+            err_console.print("headscope MCP stopped")
+
+    def open_service():
+        from .core.rpc.service import Service
+        from .storage.store import Store
+
+        return Service.open(Store(db), kit.registry(), torch_threads or default_torch_threads())
+
+    serve_stdio(open_service, announce)
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 1, never a traceback."""
     try:
