@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 from mcp import MCPError
 
-from headscope.core.rpc.methods import FindingsParams
+from headscope.core.runs import FindingsQuery
 from headscope.storage.store import Store
 
 from helpers.cli import run_cli
@@ -64,7 +64,7 @@ def test_tools_are_the_analyses_and_the_rpc_methods(session):
     assert detector.input_schema["properties"]["model"]["default"] == "smollm2-135m"
     assert detector.description.startswith(HeadDetector.summary)
     assert "runs_get" in detector.description and "induction" in detector.description
-    assert tools["findings_query"].input_schema == FindingsParams.model_json_schema()
+    assert tools["findings_query"].input_schema == FindingsQuery.model_json_schema()
 
 
 def test_a_run_is_submitted_polled_and_read(session):
