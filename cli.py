@@ -770,7 +770,6 @@ def plot_command(
     db: str | None = DbOption(),
 ) -> None:
     """Write a layer x head heatmap of one of a run's head metrics."""
-
     _check_format(format, ("table", "json"))
     output_file(output, "plot file", PLOT_SUFFIXES)
     chosen = _write_plot(kit.store(db, mode="read"), kit.registry(), run_id, metric, output)

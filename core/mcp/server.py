@@ -36,7 +36,7 @@ from mcp.shared.exceptions import MCPError
 
 from ..errors import HeadscopeError
 from ..rpc.errors import ERRORS, INTERNAL_ERROR, INVALID_PARAMS, error_object
-from ..rpc.serve import SWITCH_INTERVAL_S, Announce, OpenService
+from ..rpc.serve import SWITCH_INTERVAL_S, Announce, OpenService, claim_stdout
 from ..version import __version__
 from . import resources
 from .tools import Outcome, build_tools
@@ -170,9 +170,7 @@ def serve_stdio(open_service: OpenService, announce: Announce, shutdown_timeout:
         signal.signal(signum, lambda *_: stop.set())
     # the messages' own copies of stdin and stdout; fd 1 now writes to stderr
     source = os.fdopen(os.dup(sys.stdin.fileno()), "rb")
-    sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sink = claim_stdout()
     service = open_service()
     announce({"event": "ready", "pid": os.getpid(), "interrupted_runs": service.recovered})
     try:

@@ -58,6 +58,15 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(signal.SIGINT, handler)
 
 
+def claim_stdout():
+    """A private copy of stdout for protocol messages; file descriptor 1 then writes
+    to stderr, so a stray print (a library's warning) never corrupts the stream."""
+    sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return sink
+
+
 def serve_http(
     open_service: OpenService,
     announce: Announce,
@@ -112,9 +121,7 @@ def serve_stdin(
     """Serve stdin/stdout; anything else written to stdout is sent to stderr instead."""
     stop = threading.Event()
     _prepare_process(stop)
-    sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sink = claim_stdout()
     service = open_service()
     announce({"event": "ready", "pid": os.getpid(), "interrupted_runs": service.recovered})
     try:
