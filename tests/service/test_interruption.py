@@ -88,7 +88,13 @@ def test_ctrl_c_marks_the_run_interrupted_at_once(plugin_path, tmp_path):
     command = [sys.executable, "-m", "headscope.cli", "run", "example-wait", "-m", "tiny-llama"]
     command += ["-p", "seconds=120", "-f", "json", "--db", str(db)]
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job ignores SIGINT, and a child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     store = Store(str(db))
     deadline = time.time() + 120

@@ -38,5 +38,5 @@ def test_the_server_is_private_to_this_machine_and_unlike_a_default_sqlite(postg
         assert setting("TimeZone") != "UTC"
         assert connection.execute("SELECT 'b' < 'B'").fetchone()[0]  # not byte order
         pid = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
-    assert Path(f"/proc/{pid}").stat().st_uid != 0
+        assert Path(f"/proc/{pid}").stat().st_uid != 0  # while the backend is alive
     assert postgres_cluster.folder.stat().st_mode & 0o077 == 0
