@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headscope-setup
 
-.PHONY: setup demo test lint clean docs
+.PHONY: setup browser demo test lint clean docs screenshot
 
 setup: $(STAMP)
 
@@ -22,9 +22,21 @@ demo: setup
 	$(BIN)/headscope models pull smollm2-135m
 	$(BIN)/headscope run retrieval-heads --model smollm2-135m --plot out/retrieval-heads.png
 
+# The dashboard's browser tests drive headless Chromium (tests/helpers/browser.py).
+# As root (as in CI) a missing browser is installed from Debian's packages; otherwise
+# the tests say why they skip (and fail when CI=true).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	  else \
+	    echo "chromium or chromedriver is missing: the browser tests will skip (apt-get install chromium chromium-driver)"; \
+	  fi; \
+	fi
+
 # The store's tests also run on a throwaway PostgreSQL server that the suite starts
 # and stops itself (tests/helpers/postgres.py; docs/storage.md).
-test: setup
+test: setup browser
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest
 

@@ -867,22 +867,21 @@ def runs_head(
     db: str | None = DbOption(),
 ) -> None:
     """One head across every succeeded run: each run's scores for it, newest run first."""
-    from .core.runs import model_name
+    from pydantic import ValidationError
+
+    from .core.errors import validation_error
+    from .core.runs import HeadQuery, head_across_runs
 
     _check_format(format, ("table", "json"))
     layer, index = _parse_head(head)
-    rows = kit.store(db, mode="read").head_across_runs(
-        layer, index, model_name(kit.registry(), model), analysis
-    )
-    runs: dict[int, dict[str, Any]] = {}
-    for row in rows:
-        entry = runs.setdefault(
-            row["run_id"],
-            {"run_id": row["run_id"], "analysis": row["analysis"], "model": row["model"]},
-        )
-        entry.setdefault("scores", {})[row["metric"]] = row["value"]
+    try:
+        query = HeadQuery(layer=layer, head=index, model=model, analysis=analysis)
+    except ValidationError as error:
+        raise validation_error(error, f"invalid head query {head!r}") from None
+    found = head_across_runs(kit.store(db, mode="read"), kit.registry(), query)
+    runs = {entry["run_id"]: entry for entry in found["runs"]}
     if format == "json":
-        _emit_json({"layer": layer, "head": index, "runs": list(runs.values())})
+        _emit_json(found)
         return
     if not runs:
         console.print(f"no succeeded run has scores for head {layer}.{index}", highlight=False)
@@ -1319,6 +1318,7 @@ def serve_command(
             stream.flush()
         elif event["event"] == "listening":
             err_console.print(f"headscope JSON-RPC on {event['url']} (pid {event['pid']})")
+            err_console.print(f"dashboard on {event['dashboard']}")
         elif event["event"] == "ready":
             err_console.print(f"headscope JSON-RPC on stdin/stdout (pid {event['pid']})")
         else:
@@ -1347,21 +1347,49 @@ def serve_command(
 
 @app.command("mcp")
 def mcp_command(
+    http: bool = typer.Option(
+        False, "--http", help="Serve MCP over streamable HTTP at /mcp instead of stdin/stdout."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", help="With --http: address to listen on; beyond loopback a token is required."
+    ),
+    port: int = typer.Option(
+        8766, help="With --http: TCP port (0: any free port; the address is printed)."
+    ),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="HEADSCOPE_TOKEN",
+        show_envvar=True,
+        help="With --http: bearer token clients must send (Authorization: Bearer TOKEN).",
+    ),
+    shutdown_timeout: float = typer.Option(
+        30.0, help="Seconds to wait for requests and running analyses on shutdown."
+    ),
     torch_threads: int | None = typer.Option(
         None,
         help="CPU threads per running analysis (default: all cores but one, which is "
         "left to answer requests while analyses run).",
     ),
+    format: str = FormatOption(
+        help="Announce the address and shutdown as a line on stderr (table) or, with "
+        "--http, a JSON line on stdout (json)."
+    ),
     db: str | None = DbOption(),
 ) -> None:
-    """Serve MCP on stdin/stdout for LLM agents (see docs/mcp.md) until end of input or SIGTERM."""
+    """Serve MCP for LLM agents (see docs/mcp.md): on stdin/stdout until end of input,
+    or over HTTP with --http; until SIGTERM or Ctrl-C."""
     import logging
 
-    from .core.mcp.server import serve_stdio
     from .core.rpc.serve import default_torch_threads
 
+    _check_format(format, ("table", "json"))
     if torch_threads is not None and torch_threads < 1:
         raise InvalidParamsError("--torch-threads must be at least 1")
+    if not 0 <= port <= 65535:
+        raise InvalidParamsError(f"--port {port} is not a TCP port (0-65535)")
+    if shutdown_timeout < 0:
+        raise InvalidParamsError("--shutdown-timeout cannot be negative")
     logging.basicConfig(
         level=logging.WARNING,
         stream=sys.stderr,
@@ -1370,7 +1398,12 @@ def mcp_command(
     logging.getLogger("headscope").setLevel(logging.INFO)
 
     def announce(event: dict[str, Any]) -> None:
-        if event["event"] == "ready":
+        if format == "json" and http:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+        elif event["event"] == "listening":
+            err_console.print(f"headscope MCP on {event['url']} (pid {event['pid']})")
+        elif event["event"] == "ready":
             err_console.print(f"headscope MCP on stdin/stdout (pid {event['pid']})")
         else:
             err_console.print("headscope MCP stopped")
@@ -1381,7 +1414,14 @@ def mcp_command(
 
         return Service.open(Store(db), kit.registry(), torch_threads or default_torch_threads())
 
-    serve_stdio(open_service, announce)
+    if http:
+        from .core.mcp.http import serve_http
+
+        serve_http(open_service, announce, host, port, token or None, shutdown_timeout)
+    else:
+        from .core.mcp.server import serve_stdio
+
+        serve_stdio(open_service, announce, shutdown_timeout)
 
 
 def main() -> None:

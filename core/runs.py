@@ -153,3 +153,37 @@ def query_findings(store: Any, registry: Any, query: FindingsQuery) -> dict[str,
         "next_offset": query.offset + len(heads) if full_page else None,
         "heads": heads,
     }
+
+
+class HeadQuery(BaseModel):
+    """One head across succeeded runs: the params of `findings.head` and the
+    arguments of `headscope runs head`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    layer: StoredInt = Field(ge=0, description="Layer of the head (from 0).")
+    head: StoredInt = Field(ge=0, description="Head within the layer (from 0).")
+    model: Name | None = Field(None, description="Only runs on this model.")
+    analysis: Name | None = Field(None, description="Only runs of this analysis.")
+
+
+def head_across_runs(store: Any, registry: Any, query: HeadQuery) -> dict[str, Any]:
+    """Every succeeded run's scores for one head, newest run first:
+    `{layer, head, runs: [{run_id, analysis, model, primary_metric, scores}]}`."""
+    rows = store.head_across_runs(
+        query.layer, query.head, model_name(registry, query.model), query.analysis
+    )
+    runs: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        entry = runs.setdefault(
+            row["run_id"],
+            {
+                "run_id": row["run_id"],
+                "analysis": row["analysis"],
+                "model": row["model"],
+                "primary_metric": registry.head_metric(row["analysis"]),
+                "scores": {},
+            },
+        )
+        entry["scores"][row["metric"]] = row["value"]
+    return {"layer": query.layer, "head": query.head, "runs": list(runs.values())}

@@ -38,6 +38,7 @@ BUILTIN_TOOLS = (
     "runs.list",
     "runs.cancel",
     "findings.query",
+    "findings.head",
     "runs.compare",
 )
 RUN_FIELDS = ("model", "seed")  # the run's own fields beside an analysis's params

@@ -12,11 +12,14 @@ accepting, lets requests in flight finish, then stops the workers.
 HTTP status: 200 for any JSON-RPC response (errors included), 204 when the message
 was only notifications, 401 / 411 / 413 / 503 / 404 / 405 for transport problems (with a
 JSON-RPC error body where a client may read one).
+
+`GET /` and `GET /static/...` serve the web dashboard (`dashboard`): static files
+that carry no data, so they need no token; the page asks for one and calls the
+JSON-RPC methods with it.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
 import socket
@@ -26,6 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..errors import HeadscopeError
+from . import dashboard
+from .auth import Authorize, static_token
 from .errors import REQUEST_TOO_LARGE, SHUTTING_DOWN, UNAUTHORIZED
 from .protocol import Endpoint, encode, error_response
 
@@ -78,10 +83,13 @@ class RpcHTTPServer(ThreadingHTTPServer):
         token: str | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         idle_timeout: float = 60.0,
+        authorize: Authorize | None = None,
     ):
+        """`authorize` checks each request's Authorization header (default: `token`)."""
         check_binding(host, token)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.endpoint, self.token, self.max_bytes = endpoint, token, max_bytes
+        self.authorize = authorize or static_token(token)
         self.idle_timeout = idle_timeout
         self.closing = False  # set at shutdown: requests on open connections get 503
         self._in_flight = 0
@@ -96,6 +104,10 @@ class RpcHTTPServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         shown = f"[{host}]" if ":" in str(host) else host
         return f"http://{shown}:{port}/rpc"
+
+    @property
+    def dashboard_url(self) -> str:
+        return self.url.removesuffix("rpc")
 
     def track(self, delta: int) -> None:
         with self._in_flight_lock:
@@ -173,9 +185,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, reply)
 
     def do_GET(self) -> None:  # noqa: N802
-        if self.path.split("?")[0] == "/health":
+        path = self.path.split("?")[0]
+        if path == "/health":
             return self._reply(200, '{"status":"ok"}')
-        self._reply(405 if self.path in PATHS else 404, None)
+        asset = dashboard.asset(path)
+        if asset is not None:
+            return self._send_asset(asset)
+        self._reply(405 if path in PATHS else 404, None)
+
+    def _send_asset(self, asset: dashboard.Asset) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", asset.media_type)
+        self.send_header("Content-Length", str(len(asset.data)))
+        for key, value in dashboard.HEADERS.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(asset.data)
 
     def _refuse_unauthorised(self, close: bool) -> None:
         body = error_response(UNAUTHORIZED, "Unauthorized: a bearer token is required")
@@ -191,11 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(413, encode(body), close=True)
 
     def _authorised(self) -> bool:
-        if not self.server.token:
-            return True
-        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-        expected = self.server.token.encode()
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+        return self.server.authorize(self.headers.get("Authorization")) is not None
 
     def _discard(self, length: int, cap: int) -> None:
         """Read and drop a body we will not use, up to `cap` bytes; past that, hang up.

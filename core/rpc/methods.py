@@ -19,8 +19,10 @@ from ..runs import (
     MAX_SEED,
     RUN_STATUSES,
     FindingsQuery,
+    HeadQuery,
     Name,
     StoredInt,
+    head_across_runs,
     model_name,
     query_findings,
     require_succeeded,
@@ -226,6 +228,10 @@ def findings_query(service: Service, params: FindingsQuery) -> dict[str, Any]:
     return query_findings(service.store, service.registry, params)
 
 
+def findings_head(service: Service, params: HeadQuery) -> dict[str, Any]:
+    return head_across_runs(service.store, service.registry, params)
+
+
 def rpc_discover(service: Service, _: NoParams) -> dict[str, Any]:
     from .openrpc import openrpc_document
 
@@ -344,6 +350,15 @@ METHODS: tuple[RpcMethod, ...] = (
         "Only succeeded runs contribute. Ties are ordered by run, layer and head, so "
         "pages are stable.",
         errors=_RESULTS,
+    ),
+    RpcMethod(
+        "findings.head",
+        HeadQuery,
+        findings_head,
+        results.HeadAcrossRuns,
+        "One head across every succeeded run: each run's scores for it, newest first.",
+        "What every analysis found about the same head (layer and head from 0), on one "
+        "model when `model` is given; `headscope runs head` answers the same.",
     ),
     RpcMethod(
         "rpc.discover",

@@ -129,6 +129,20 @@ class FindingsPage(BaseModel):
     heads: list[HeadRow]
 
 
+class HeadInRun(BaseModel):
+    run_id: int
+    analysis: str
+    model: str
+    primary_metric: str | None = Field(description="The analysis's primary metric, if known.")
+    scores: dict[str, float | None] = Field(description="Metric -> this head's score.")
+
+
+class HeadAcrossRuns(BaseModel):
+    layer: int
+    head: int
+    runs: list[HeadInRun] = Field(description="Succeeded runs with scores for it, newest first.")
+
+
 class ComparisonSide(BaseModel):
     run_id: int
     analysis: str

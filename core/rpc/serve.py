@@ -94,6 +94,7 @@ def serve_http(
         {
             "event": "listening",
             "url": server.url,
+            "dashboard": server.dashboard_url,
             "pid": os.getpid(),
             "auth": bool(token),
             "interrupted_runs": service.recovered,

@@ -94,8 +94,9 @@ def test_one_head_across_every_succeeded_run(capsys, stored):
         "head": 2,
         "runs": [  # newest first; the failed run has no scores
             {"run_id": gpt2, "analysis": "head-detector", "model": "tiny-gpt2",
-             "scores": {"induction": 1.55}},
+             "primary_metric": "induction", "scores": {"induction": 1.55}},
             {"run_id": llama, "analysis": "head-detector", "model": "tiny-llama",
+             "primary_metric": "induction",
              "scores": {"induction": 1.2, "previous_token": -3.0}},
         ],
     }  # fmt: skip
@@ -106,6 +107,8 @@ def test_one_head_across_every_succeeded_run(capsys, stored):
     assert "previous_token" in table.out and "-1.0000" in table.out
     none = run_cli(capsys, "runs", "head", "7.0", "--db", db)
     assert none.code == 0 and "no succeeded run has scores for head 7.0" in none.out
+    huge = run_cli(capsys, "runs", "head", f"{2**63}.0", "--db", db)
+    assert huge.code == 1 and "layer" in huge.err and "Traceback" not in huge.err
     for bad in ("1", "a.b", "1.-2", "1.2.3"):
         refused = run_cli(capsys, "runs", "head", bad, "--db", db)
         assert refused.code == 1 and "is not LAYER.HEAD" in refused.err, bad

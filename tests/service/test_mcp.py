@@ -26,6 +26,7 @@ RPC_TOOLS = {
     "runs_list",
     "runs_cancel",
     "findings_query",
+    "findings_head",
     "runs_compare",
     "generate_steer",  # registered by the context family
 }
