@@ -19,6 +19,8 @@ from typing import Any
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 
 class McpSession:
@@ -74,3 +76,16 @@ def mcp_session(db: Path, *args: str, env: dict[str, str] | None = None) -> Iter
         client = Client(stdio_client(server, errlog), cache=None, read_timeout_seconds=120)
         with portal.wrap_async_context_manager(client) as connected:
             yield McpSession(portal, connected, log)
+
+
+@contextmanager
+def mcp_http_session(url: str, token: str | None = None) -> Iterator[McpSession]:
+    """The SDK's streamable-HTTP client connected to `url`, sending `token`."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    with start_blocking_portal() as portal:
+        http = create_mcp_http_client(headers=headers)
+        transport = streamable_http_client(url, http_client=http)
+        client = Client(transport, cache=None, read_timeout_seconds=120)
+        with portal.wrap_async_context_manager(client) as connected:
+            yield McpSession(portal, connected, Path("-"))
+        portal.call(http.aclose)

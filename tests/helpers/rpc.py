@@ -24,13 +24,20 @@ class RpcError(Exception):
 
 
 class Server:
-    """`headscope serve --port 0` in its own process; `url` once it listens."""
+    """`headscope serve --port 0` in its own process; `url` once it listens.
+    `command` starts another HTTP server the same way (`("mcp", "--http")`)."""
 
-    def __init__(self, db: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        db: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        command: tuple[str, ...] = ("serve",),
+    ):
         self.db = db
         self.log = db.with_suffix(f".{time.monotonic_ns()}.log")
         self.events = self.log.with_suffix(".events")
-        command = [sys.executable, "-m", "headscope.cli", "serve", "--port", "0"]
+        command = [sys.executable, "-m", "headscope.cli", *command, "--port", "0"]
         command += ["--format", "json", "--db", str(db), *args]
         with open(self.events, "wb") as out, open(self.log, "wb") as err:
             self.process = subprocess.Popen(

@@ -265,12 +265,12 @@ async function runsPage(route, query) {
       offset > 0 ? el("a", { href: pageHash(query, Math.max(0, offset - PAGE_SIZE)) }, "newer") : null,
       offset + PAGE_SIZE < result.total ? el("a", { href: pageHash(query, offset + PAGE_SIZE) }, "older") : null,
     );
-    body.replaceChildren(
-      rows.length
-        ? table(["", "run", "analysis", "model", "status", "progress", "created", "took"], rows, { id: "runs-table" })
-        : el("p", { class: "muted" }, "No runs match."),
-      pager,
-    );
+    const runsTable = table(["", "run", "analysis", "model", "status", "progress", "created", "took"], rows, {
+      id: "runs-table",
+      "data-filters": location.hash,
+    });
+    result.runs.forEach((run, i) => runsTable.tBodies[0].rows[i].setAttribute("data-run", String(run.id)));
+    body.replaceChildren(rows.length ? runsTable : el("p", { class: "muted" }, "No runs match."), pager);
     if (result.runs.some((run) => run.status === "queued" || run.status === "running")) poll(route, refresh);
   };
   await refresh();
