@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headscope-setup
 
-.PHONY: setup browser demo test lint clean docs screenshot
+.PHONY: setup browser demo test lint clean docs screenshots
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# docs/images/dashboard-*.png: real runs on the default model, photographed in Chromium
+screenshots: setup browser
+	$(BIN)/headscope models pull smollm2-135m
+	$(BIN)/python docs/screenshots.py
 
 docs: setup
 	$(BIN)/typer --app full_app headscope.cli utils docs --name headscope --title "headscope CLI reference" --output docs/cli.md

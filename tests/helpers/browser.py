@@ -62,3 +62,46 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+def wait_for(driver, css: str, text: str | None = None, timeout: float = 30) -> str:
+    """The text of the first element matching `css` (containing `text`), once the
+    page shows one; pages that poll redraw their elements, so the text is read at once."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def found(d):
+        for element in d.find_elements(By.CSS_SELECTOR, css):
+            try:
+                shown = element.text
+            except StaleElementReferenceException:
+                continue
+            if text is None or text in shown:
+                return shown or " "
+        return False
+
+    return WebDriverWait(driver, timeout).until(found, f"no {css!r} with {text!r}")
+
+
+def point_at_head(driver, plot_id: str, layer: int, head: int) -> Any:
+    """Selenium actions with the mouse over one head's cell of a dashboard heatmap,
+    found from the plot's own axes; `.perform()` hovers, `.click().perform()` clicks."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    drag = driver.find_element(By.CSS_SELECTOR, f"#{plot_id} .nsewdrag")
+    dx, dy = driver.execute_script(
+        "const [plot, drag, layer, head] = arguments;"
+        "const axes = plot._fullLayout, box = drag.getBoundingClientRect();"
+        "const frame = plot.getBoundingClientRect();"
+        "const x = axes.xaxis.l2p(head) + axes.xaxis._offset;"
+        "const y = axes.yaxis.l2p(layer) + axes.yaxis._offset;"
+        "return [x - (box.left - frame.left) - box.width / 2,"
+        "        y - (box.top - frame.top) - box.height / 2];",
+        driver.find_element(By.ID, plot_id),
+        drag,
+        layer,
+        head,
+    )
+    return ActionChains(driver).move_to_element_with_offset(drag, int(dx), int(dy))

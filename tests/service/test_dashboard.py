@@ -14,7 +14,7 @@ import pytest
 from headscope.core.rpc.dashboard import FILES, PLOTLY_PATH
 from headscope.storage.store import Store
 
-from helpers.browser import chromium
+from helpers.browser import chromium, point_at_head, wait_for
 from helpers.rpc import Server
 
 TOKEN = "dashboard-secret"
@@ -88,26 +88,6 @@ def enter_token(driver, token: str) -> None:
     field.clear()
     field.send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
-
-
-def wait_for(driver, css: str, text: str | None = None, timeout: float = 30) -> str:
-    """The text of the first element matching `css` (containing `text`), once the
-    page shows one; pages that poll redraw their elements, so the text is read at once."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    def found(d):
-        for element in d.find_elements(By.CSS_SELECTOR, css):
-            try:
-                shown = element.text
-            except StaleElementReferenceException:
-                continue
-            if text is None or text in shown:
-                return shown or " "
-        return False
-
-    return WebDriverWait(driver, timeout).until(found, f"no {css!r} with {text!r}")
 
 
 def runs_shown(driver, timeout: float = 30) -> list[int]:
@@ -194,7 +174,6 @@ def test_runs_list_filters_and_shows_live_progress(served, browser):
 
 
 def test_click_a_head_in_the_heatmap_opens_its_page(served, browser, tmp_path):
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     server, _, ids = served
@@ -207,28 +186,11 @@ def test_click_a_head_in_the_heatmap_opens_its_page(served, browser, tmp_path):
     top = browser.find_element(By.ID, "top-heads").text
     assert top.splitlines()[1].startswith("1.2")  # the best head first
 
-    # the pixel of cell (layer 1, head 2), from the plot's own axes
     layer, head = CLICKED
-    x, y = browser.execute_script(
-        "const l = document.getElementById('heatmap')._fullLayout;"
-        "return [l.xaxis.l2p(arguments[1]) + l.xaxis._offset,"
-        "        l.yaxis.l2p(arguments[0]) + l.yaxis._offset];",
-        layer,
-        head,
-    )
-    drag = browser.find_element(By.CSS_SELECTOR, "#heatmap .nsewdrag")
-    box = browser.execute_script(
-        "const r = arguments[0].getBoundingClientRect();"
-        "const p = document.getElementById('heatmap').getBoundingClientRect();"
-        "return [r.left - p.left, r.top - p.top, r.width, r.height];",
-        drag,
-    )
-    offset_x = x - box[0] - box[2] / 2
-    offset_y = y - box[1] - box[3] / 2
-    ActionChains(browser).move_to_element_with_offset(drag, offset_x, offset_y).perform()
+    point_at_head(browser, "heatmap", layer, head).perform()
     hover = wait_for(browser, "#heatmap .hoverlayer", "induction")
     assert "layer 1, head 2" in hover and f"{INDUCTION:.4f}" in hover
-    ActionChains(browser).move_to_element_with_offset(drag, offset_x, offset_y).click().perform()
+    point_at_head(browser, "heatmap", layer, head).click().perform()
 
     title = wait_for(browser, "h1", "Head 1.2 on tiny-llama")
     assert browser.current_url.endswith("#/head/tiny-llama/1/2")
