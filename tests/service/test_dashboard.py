@@ -6,6 +6,9 @@ server opens it: the tests click through the pages as a user would.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -168,6 +171,7 @@ def test_runs_list_filters_and_shows_live_progress(served, browser):
     assert "analysis=retrieval-heads" in browser.current_url
 
     Select(browser.find_element(By.ID, "filter-analysis")).select_by_index(0)
+    assert sorted(runs_shown(browser)) == sorted(ids.values())  # the page is redrawn
     Select(browser.find_element(By.ID, "filter-status")).select_by_visible_text("running")
     assert runs_shown(browser) == [ids["running"]]
     assert "status=running" in browser.current_url and "analysis" not in browser.current_url
@@ -243,3 +247,26 @@ def distinct_colours(png: Path) -> int:
 
     with Image.open(png) as image:
         return len(image.convert("RGB").getcolors(maxcolors=1 << 24))
+
+
+def test_serve_prints_the_dashboard_address(tmp_path):
+    command = [sys.executable, "-m", "headscope.cli", "serve", "--port", "0"]
+    env = {**os.environ, "HEADSCOPE_LOAD_PLUGINS": ""}
+    env.pop("HEADSCOPE_TOKEN", None)
+    process = subprocess.Popen(
+        [*command, "--db", str(tmp_path / "x.db")], stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("dashboard on"):
+                break
+        rpc_line = next(line for line in lines if line.startswith("headscope JSON-RPC on"))
+        rpc_url = rpc_line.split()[3]
+        dashboard = lines[-1].split()[2]
+        assert dashboard == rpc_url.removesuffix("rpc") and dashboard.endswith("/")
+        assert "<title>headscope</title>" in httpx.get(dashboard, timeout=30).text
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
