@@ -64,30 +64,33 @@ def shoot(server: Server, out: Path) -> None:
     (top,) = client.call("findings.query", run_id=detector, limit=1)["heads"]
     layer, head, model = top["layer"], top["head"], top["model"]
 
-    with browser.chromium(width=1400, height=900) as driver:
+    with browser.chromium() as driver:
 
-        def save(name: str, height: int = 900) -> None:
+        def show(route: str, height: int) -> None:
             driver.set_window_size(1400, height)
+            driver.get(f"{base}#{route}")
+
+        def save(name: str) -> None:
             driver.save_screenshot(str(out / name))
             print(f"wrote {out / name}")
 
-        driver.get(f"{base}#/runs")
+        show("/runs", 700)
         browser.wait_for(driver, "#runs-table", "succeeded")
         save("dashboard-runs.png")
 
-        driver.get(f"{base}#/run/{detector}")
+        show(f"/run/{detector}", 1100)
         browser.wait_for(driver, "#heatmap .nsewdrag")
-        browser.point_at_head(driver, "heatmap", layer, head).perform()
+        browser.point_at_head(driver, "heatmap", layer, head)
         browser.wait_for(driver, "#heatmap .hoverlayer", f"layer {layer}, head {head}")
         save("dashboard-run.png")
 
-        driver.get(f"{base}#/head/{model}/{layer}/{head}")
+        show(f"/head/{model}/{layer}/{head}", 700)
         browser.wait_for(driver, "#head-runs")
         save("dashboard-head.png")
 
-        driver.get(f"{base}#/compare?a={detector}&b={runs['context-heads']}")
+        show(f"/compare?a={detector}&b={runs['context-heads']}", 1400)
         browser.wait_for(driver, "#heatmap-b .nsewdrag")
-        save("dashboard-compare.png", height=1250)
+        save("dashboard-compare.png")
 
 
 if __name__ == "__main__":

@@ -84,24 +84,27 @@ def wait_for(driver, css: str, text: str | None = None, timeout: float = 30) -> 
     return WebDriverWait(driver, timeout).until(found, f"no {css!r} with {text!r}")
 
 
-def point_at_head(driver, plot_id: str, layer: int, head: int) -> Any:
-    """Selenium actions with the mouse over one head's cell of a dashboard heatmap,
-    found from the plot's own axes; `.perform()` hovers, `.click().perform()` clicks."""
-    from selenium.webdriver.common.action_chains import ActionChains
+def point_at_head(driver, plot_id: str, layer: int, head: int, click: bool = False) -> None:
+    """Move the mouse over one head's cell of a dashboard heatmap (and click it),
+    found from the plot's own axes; the page is scrolled to bring the cell into view."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
     from selenium.webdriver.common.by import By
 
-    drag = driver.find_element(By.CSS_SELECTOR, f"#{plot_id} .nsewdrag")
-    dx, dy = driver.execute_script(
-        "const [plot, drag, layer, head] = arguments;"
-        "const axes = plot._fullLayout, box = drag.getBoundingClientRect();"
+    x, y = driver.execute_script(
+        "const [plot, layer, head] = arguments;"
+        "const axes = plot._fullLayout;"
+        "const top = plot.getBoundingClientRect().top + window.scrollY;"
+        "const y = top + axes.yaxis.l2p(layer) + axes.yaxis._offset;"
+        "window.scrollTo(0, Math.max(0, y - window.innerHeight / 2));"
         "const frame = plot.getBoundingClientRect();"
-        "const x = axes.xaxis.l2p(head) + axes.xaxis._offset;"
-        "const y = axes.yaxis.l2p(layer) + axes.yaxis._offset;"
-        "return [x - (box.left - frame.left) - box.width / 2,"
-        "        y - (box.top - frame.top) - box.height / 2];",
+        "return [frame.left + axes.xaxis.l2p(head) + axes.xaxis._offset,"
+        "        frame.top + axes.yaxis.l2p(layer) + axes.yaxis._offset];",
         driver.find_element(By.ID, plot_id),
-        drag,
         layer,
         head,
     )
-    return ActionChains(driver).move_to_element_with_offset(drag, int(dx), int(dy))
+    actions = ActionBuilder(driver)
+    actions.pointer_action.move_to_location(int(x), int(y))
+    if click:
+        actions.pointer_action.click()
+    actions.perform()

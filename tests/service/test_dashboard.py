@@ -191,10 +191,10 @@ def test_click_a_head_in_the_heatmap_opens_its_page(served, browser, tmp_path):
     assert top.splitlines()[1].startswith("1.2")  # the best head first
 
     layer, head = CLICKED
-    point_at_head(browser, "heatmap", layer, head).perform()
+    point_at_head(browser, "heatmap", layer, head)
     hover = wait_for(browser, "#heatmap .hoverlayer", "induction")
     assert "layer 1, head 2" in hover and f"{INDUCTION:.4f}" in hover
-    point_at_head(browser, "heatmap", layer, head).click().perform()
+    point_at_head(browser, "heatmap", layer, head, click=True)
 
     title = wait_for(browser, "h1", "Head 1.2 on tiny-llama")
     assert browser.current_url.endswith("#/head/tiny-llama/1/2")
