@@ -169,7 +169,9 @@ class HeadQuery(BaseModel):
 
 def head_across_runs(store: Any, registry: Any, query: HeadQuery) -> dict[str, Any]:
     """Every succeeded run's scores for one head, newest run first:
-    `{layer, head, runs: [{run_id, analysis, model, primary_metric, scores}]}`."""
+    `{layer, head, runs: [{run_id, analysis, model, primary_metric, scores, rank,
+    heads}]}`; `rank` is the head's place among the run's `heads` by its primary
+    metric (1: the highest), None where it has no score for it."""
     rows = store.head_across_runs(
         query.layer, query.head, model_name(registry, query.model), query.analysis
     )
@@ -186,4 +188,10 @@ def head_across_runs(store: Any, registry: Any, query: HeadQuery) -> dict[str, A
             },
         )
         entry["scores"][row["metric"]] = row["value"]
+    for entry in runs.values():
+        metric = entry["primary_metric"]
+        place = (
+            store.head_rank(entry["run_id"], metric, query.layer, query.head) if metric else None
+        )
+        entry["rank"], entry["heads"] = place or (None, None)
     return {"layer": query.layer, "head": query.head, "runs": list(runs.values())}

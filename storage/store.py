@@ -441,6 +441,31 @@ class Store:
         with self.engine.connect() as connection:
             return [row._asdict() for row in connection.execute(query)]
 
+    def head_rank(self, run_id: int, metric: str, layer: int, head: int) -> tuple[int, int] | None:
+        """Where one head stands in a run by a metric: (its rank, 1 for the highest
+        score, ties sharing the better rank; how many heads have that metric). None
+        when the head has no number for it."""
+        if not all(_storable(n) for n in (run_id, layer, head)):
+            return None
+        scores = select(HeadScore.value).where(
+            HeadScore.run_id == run_id, HeadScore.metric == metric
+        )
+        with self.engine.connect() as connection:
+            value = connection.scalar(
+                scores.where(HeadScore.layer == layer, HeadScore.head == head)
+            )
+            if value is None:
+                return None
+            above = connection.scalar(
+                select(func.count()).select_from(scores.where(HeadScore.value > value).subquery())
+            )
+            total = connection.scalar(
+                select(func.count()).select_from(
+                    scores.where(HeadScore.value.is_not(None)).subquery()
+                )
+            )
+        return above + 1, total
+
     # -- removing ------------------------------------------------------------------------
     def run_ids(
         self,

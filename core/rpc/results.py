@@ -135,6 +135,10 @@ class HeadInRun(BaseModel):
     model: str
     primary_metric: str | None = Field(description="The analysis's primary metric, if known.")
     scores: dict[str, float | None] = Field(description="Metric -> this head's score.")
+    rank: int | None = Field(
+        description="The head's place by the primary metric in this run (1: the highest)."
+    )
+    heads: int | None = Field(description="Heads the run scored by its primary metric.")
 
 
 class HeadAcrossRuns(BaseModel):

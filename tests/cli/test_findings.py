@@ -94,10 +94,11 @@ def test_one_head_across_every_succeeded_run(capsys, stored):
         "head": 2,
         "runs": [  # newest first; the failed run has no scores
             {"run_id": gpt2, "analysis": "head-detector", "model": "tiny-gpt2",
-             "primary_metric": "induction", "scores": {"induction": 1.55}},
+             "primary_metric": "induction", "scores": {"induction": 1.55},
+             "rank": 1, "heads": 6},
             {"run_id": llama, "analysis": "head-detector", "model": "tiny-llama",
              "primary_metric": "induction",
-             "scores": {"induction": 1.2, "previous_token": -3.0}},
+             "scores": {"induction": 1.2, "previous_token": -3.0}, "rank": 1, "heads": 6},
         ],
     }  # fmt: skip
     only = run_cli(capsys, "runs", "head", "1.2", "--model", "tiny-llama", "-f", "json", "--db", db)

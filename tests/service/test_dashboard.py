@@ -143,7 +143,10 @@ def test_findings_head_answers_every_run_of_the_head(served):
         "model": "tiny-llama",
         "primary_metric": "induction",
         "scores": {"induction": INDUCTION, "previous_token": PREVIOUS},
+        "rank": 1,
+        "heads": LAYERS * HEADS,
     }
+    assert found["runs"][0]["rank"] == 1  # every retrieval score ties
     only = client.call("findings.head", layer=1, head=2, analysis="retrieval-heads")
     assert [r["run_id"] for r in only["runs"]] == [ids["retrieval"]]
     assert client.call("findings.head", layer=99, head=0)["runs"] == []
@@ -203,6 +206,7 @@ def test_click_a_head_in_the_heatmap_opens_its_page(served, browser, tmp_path):
     for name in ("first", "second", "retrieval"):
         assert f"#{ids[name]}" in cards
     assert f"#{ids['running']}" not in cards  # unfinished runs have no findings
+    assert f"rank 1 of {LAYERS * HEADS} by induction" in cards
     assert title == "Head 1.2 on tiny-llama"
 
     shot = tmp_path / "head.png"

@@ -647,3 +647,19 @@ def test_numbers_beyond_sql_integers_name_nothing(tmp_path):
     assert store.top_heads("s", offset=huge) == [] and store.top_heads("s", run_id=huge) == []
     assert len(store.top_heads("s", limit=huge)) == 1
     assert store.head_across_runs(huge, 1) == [] and len(store.head_across_runs(0, 1)) == 1
+
+
+def test_head_rank_places_a_head_among_the_runs_heads(db_url):
+    store = Store(db_url)
+    run_id = new_run(store)
+    scores = [(0, 0, "s", 0.5), (0, 1, "s", 0.9), (1, 0, "s", 0.5), (1, 1, "s", 0.1)]
+    store.finish_run(run_id, [*scores, (1, 1, "t", 7.0)], {})
+    assert store.head_rank(run_id, "s", 0, 1) == (1, 4)
+    assert store.head_rank(run_id, "s", 0, 0) == (2, 4) == store.head_rank(run_id, "s", 1, 0)
+    assert store.head_rank(run_id, "s", 1, 1) == (4, 4)
+    assert store.head_rank(run_id, "t", 1, 1) == (1, 1)
+    assert store.head_rank(run_id, "t", 0, 0) is None  # no score for that metric
+    assert store.head_rank(run_id, "nope", 0, 0) is None
+    assert (
+        store.head_rank(2**63, "s", 0, 0) is None and store.head_rank(run_id, "s", 2**63, 0) is None
+    )

@@ -386,12 +386,15 @@ async function headPage(route, model, layer, head) {
       "section",
       { class: "card head-run", "data-run": entry.run_id },
       el("h2", {}, runLink(entry.run_id), ` ${entry.analysis}`),
+      entry.rank
+        ? el("p", { class: "rank" }, `rank ${entry.rank} of ${entry.heads} by ${entry.primary_metric}`)
+        : null,
       table(["metric", "value"], rows),
     );
   });
   show(
     title,
-    el("p", { class: "muted" }, `${found.runs.length} succeeded run(s), newest first; each run's primary metric in bold.`),
+    el("p", { class: "muted" }, `${found.runs.length} succeeded run(s), newest first; each run's primary metric in bold, and the head's rank among the run's heads by it.`),
     el("div", { class: "cards", id: "head-runs" }, cards),
   );
 }
