@@ -82,6 +82,13 @@ def test_submit_poll_and_query_findings(server):
     ascending = client.call("findings.query", run_id=run["id"], order="asc", limit=1)
     assert ascending["heads"][0]["value"] == induction[-1]["value"]
 
+    best = induction[0]
+    head = client.call("findings.head", layer=best["layer"], head=best["head"], model="tiny-llama")
+    check_result(server.discover, "findings.head", head)
+    (entry,) = [r for r in head["runs"] if r["run_id"] == run["id"]]
+    assert entry["scores"]["induction"] == best["value"]
+    assert (entry["rank"], entry["heads"]) == (1, len(induction))
+
     listed = client.call("runs.list", analysis="head-detector", status="succeeded")
     check_result(server.discover, "runs.list", listed)
     assert listed["total"] >= 1 and run["id"] in [r["id"] for r in listed["runs"]]
