@@ -1288,7 +1288,8 @@ def serve_command(
     ),
     db: str | None = DbOption(),
 ) -> None:
-    """Serve the JSON-RPC API (see docs/rpc.md) until SIGTERM or Ctrl-C."""
+    """Serve the JSON-RPC API (see docs/rpc.md) and, over HTTP, the web dashboard at /
+    (docs/dashboard.md), until SIGTERM or Ctrl-C."""
     import logging
 
     from .core.rpc import serve
