@@ -223,7 +223,7 @@ async function runsPage(route, query) {
       onsubmit: (event) => event.preventDefault(),
     },
     select("analysis", analyses.map((a) => a.name)),
-    select("model", models.map((m) => m.name)),
+    select("model", [...new Set([...models.map((m) => m.name), filters.model].filter(Boolean))]),
     select("status", STATUSES),
   );
   const chosen = new Set();
