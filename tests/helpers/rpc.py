@@ -26,9 +26,17 @@ class RpcError(Exception):
 class Server:
     """`headscope serve --port 0` in its own process; `url` once it listens."""
 
-    def __init__(self, db: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        db: Path | str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        logs: Path | None = None,
+    ):
+        """`db` is a file or a database URL (then its logs go to the folder `logs`)."""
         self.db = db
-        self.log = db.with_suffix(f".{time.monotonic_ns()}.log")
+        where = logs / "server" if logs is not None else Path(db)
+        self.log = where.with_suffix(f".{time.monotonic_ns()}.log")
         self.events = self.log.with_suffix(".events")
         command = [sys.executable, "-m", "headscope.cli", "serve", "--port", "0"]
         command += ["--format", "json", "--db", str(db), *args]

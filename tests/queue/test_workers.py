@@ -4,10 +4,7 @@ reaching a remote worker, and runs given up after their last attempt."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,55 +15,6 @@ from headscope.storage.store import Store
 from helpers.cli import run_cli
 
 pytestmark = pytest.mark.slow
-
-FAST_FAULTS = ["--heartbeat", "0.3", "--stalled-after", "1.5"]
-
-
-@pytest.fixture
-def queue_env(plugin_path, tmp_path, monkeypatch):
-    """The environment a worker needs to run the example plugin's slow analysis
-    (this process submits it, so it sees the plugin too)."""
-    monkeypatch.syspath_prepend(str(plugin_path))
-    monkeypatch.setenv("HEADSCOPE_LOAD_PLUGINS", "example")
-    return {
-        **os.environ,
-        "PYTHONPATH": str(plugin_path),
-        "HEADSCOPE_LOAD_PLUGINS": "example",
-        "HEADSCOPE_DATA_DIR": str(tmp_path / "data"),
-    }
-
-
-class Workers:
-    def __init__(self, url: str, env: dict[str, str]):
-        self.url, self.env, self.processes = url, env, []
-
-    def start(self, *args: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "headscope.cli", "worker", "--db", self.url]
-        process = subprocess.Popen(
-            [*command, "-m", "tiny-llama", *FAST_FAULTS, *args],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.processes.append(process)
-        return process
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-@pytest.fixture
-def workers(postgres_url, queue_env):
-    started = Workers(postgres_url, queue_env)
-    yield started
-    started.stop()
 
 
 def submit(capsys, monkeypatch, url: str, seconds: float) -> int:
