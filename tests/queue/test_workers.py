@@ -125,3 +125,19 @@ def test_submit_needs_postgresql(capsys, tmp_path):
     result = run_cli(capsys, "runs", "submit", "head-detector", "--db", str(tmp_path / "x.db"))
     assert result.code == 1
     assert "PostgreSQL" in result.err
+
+
+def test_a_database_restart_mid_run_is_waited_out(
+    capsys, monkeypatch, postgres_cluster, postgres_url, workers
+):
+    run_id = submit(capsys, monkeypatch, postgres_url, 5)
+    workers.start()
+    store = Store(postgres_url)
+    deadline = time.time() + 120
+    while (store.get_run(run_id).progress_done or 0) <= 0:
+        assert time.time() < deadline, "the run never started"
+        time.sleep(0.1)
+    postgres_cluster.restart()
+    store.engine.dispose()
+    assert wait_for(store, [run_id], timeout=180) == {run_id: "succeeded"}
+    assert metric_rows(postgres_url, run_id) == 1
