@@ -1466,6 +1466,7 @@ def worker_command(
 
     from .runqueue.backend import connection_info
     from .runqueue.worker import QueueWorker
+    from .storage.db import database_url
     from .storage.store import Store
 
     if max_attempts < 1:
@@ -1480,8 +1481,8 @@ def worker_command(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("headscope").setLevel(logging.INFO)
+    connection_info(database_url(db))  # a clear error for SQLite before anything opens
     store = Store(db, mode="write")
-    connection_info(store.url)  # a clear error for SQLite before any model loads
     worker = QueueWorker(
         store,
         kit.registry(),
@@ -1592,16 +1593,8 @@ def tokens_list(format: str = FormatOption(), db: str | None = DbOption()) -> No
     _check_format(format, ("table", "json"))
     rows = kit.store(db, mode="read").tokens()
     if format == "json":
-        _emit_json(
-            [
-                {
-                    **row,
-                    "created_at": str(row["created_at"]),
-                    "revoked_at": row["revoked_at"] and str(row["revoked_at"]),
-                }
-                for row in rows
-            ]
-        )
+        when = ("created_at", "revoked_at")
+        _emit_json([{**row, **{k: row[k] and row[k].isoformat() for k in when}} for row in rows])
         return
     table = _table("API tokens", ("name", "scopes", "created", "revoked"))
     for row in rows:

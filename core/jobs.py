@@ -166,17 +166,17 @@ def execute(
             run_id, finding.head_scores, finding.metrics, artifacts, finding.summary or None
         )
     except CancelledError:
-        store.fail_run(run_id, "cancelled", status="cancelled")
+        store.fail_run(run_id, "cancelled", status="cancelled", only_unfinished=True)
     except RunAlreadyFinishedError as error:  # another attempt won: leave its result
         log.warning("%s", error)
     except KeyboardInterrupt:  # Ctrl-C in the CLI: say so now, not at the next start
-        store.fail_run(run_id, INTERRUPTED_BY_USER, status="interrupted")
+        store.fail_run(run_id, INTERRUPTED_BY_USER, status="interrupted", only_unfinished=True)
         raise
     except HeadscopeError as error:
-        store.fail_run(run_id, str(error))
+        store.fail_run(run_id, str(error), only_unfinished=True)
     except Exception as error:  # analysis bugs: keep the run, log the traceback
         log.exception("run %s failed", run_id)
-        store.fail_run(run_id, f"{type(error).__name__}: {error}")
+        store.fail_run(run_id, f"{type(error).__name__}: {error}", only_unfinished=True)
     return store.get_run(run_id)
 
 

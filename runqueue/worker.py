@@ -17,14 +17,16 @@ model must not overlap; run more worker processes for more at once). Faults:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ..core import jobs
 from ..core.errors import HeadscopeError
@@ -63,25 +65,21 @@ class PatientStore:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             deadline = time.monotonic() + self._patience
-            for attempt in range(1_000_000):
+            for attempt in itertools.count():
                 try:
                     return value(*args, **kwargs)
-                except DBAPIError as error:
-                    lost = error.connection_invalidated or _is_connection_error(error)
-                    if not lost or time.monotonic() > deadline:
+                except (OperationalError, InterfaceError) as error:
+                    if time.monotonic() > deadline:
                         raise
-                    delay = _RECONNECT_DELAYS[min(attempt, len(_RECONNECT_DELAYS) - 1)]
-                    log.warning("database unreachable (%s); retrying in %g s", name, delay)
-                    time.sleep(delay)
-            raise AssertionError("unreachable")
+                    log.warning("database unreachable in %s (%s); retrying", name, error)
+                    time.sleep(reconnect_delay(attempt))
 
         return call
 
 
-def _is_connection_error(error: DBAPIError) -> bool:
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
-    return isinstance(error, OperationalError | InterfaceError)
+def reconnect_delay(attempt: int) -> float:
+    """Seconds to wait before the attempt'th reconnection: backing off to 10 s."""
+    return _RECONNECT_DELAYS[min(attempt, len(_RECONNECT_DELAYS) - 1)]
 
 
 class QueueWorker:
@@ -107,7 +105,7 @@ class QueueWorker:
         self.models = [registry.models.resolve(name).name for name in models]
         self.heartbeat, self.stalled_after = heartbeat, stalled_after
         self.max_attempts, self.poll_interval = max_attempts, poll_interval
-        self.name = f"{socket.gethostname()}:{threading.get_native_id()}"
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.retried = 0  # stalled jobs this worker put back in the queue
 
     @property
@@ -142,7 +140,7 @@ class QueueWorker:
             except Exception as error:  # the database went away: wait, reconnect
                 if stop.is_set():
                     break
-                delay = _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
+                delay = reconnect_delay(failures)
                 failures += 1
                 log.warning("queue unreachable (%s); reconnecting in %g s", error, delay)
                 await asyncio.sleep(delay)

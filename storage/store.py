@@ -294,11 +294,14 @@ class Store:
             run.summary = summary
             run.duration_seconds = _elapsed(run.started_at or run.created_at, finished)
 
-    def fail_run(self, run_id: int, error: str, status: str = "failed") -> None:
-        """Record why a run ended without results; a succeeded run keeps its findings."""
+    def fail_run(
+        self, run_id: int, error: str, status: str = "failed", only_unfinished: bool = False
+    ) -> None:
+        """Record why a run ended without results. With `only_unfinished`, a run that
+        has ended already (say another attempt at it succeeded) is left as it is."""
         with self.session() as session, session.begin():
             run = session.get(Run, run_id, with_for_update=True)
-            if run is None or run.status == "succeeded":
+            if run is None or (only_unfinished and run.status in FINISHED):
                 return
             finished = utcnow()
             run.status = status

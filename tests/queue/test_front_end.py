@@ -86,3 +86,23 @@ def test_front_end_with_a_worker_and_scoped_tokens(capsys, postgres_url, queue_e
     finally:
         workers.stop()
         front.stop()
+
+
+def test_serve_on_postgresql_runs_queued_runs_itself(postgres_url, queue_env, tmp_path):
+    server = Server(postgres_url, env=queue_env, logs=tmp_path)
+    try:
+        client = server.client()
+        run_id = client.call(
+            "runs.submit", analysis="example-wait", model="tiny-llama", params={"seconds": 0.2}
+        )["run_id"]
+        finished = client.wait_for(run_id, ("succeeded", "failed"))
+        assert finished["run"]["status"] == "succeeded"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("command", [["worker"], ["serve", "--no-workers"]])
+def test_the_queue_commands_need_postgresql(capsys, tmp_path, command):
+    result = run_cli(capsys, *command, "--db", str(tmp_path / "findings.db"))
+    assert result.code == 1
+    assert "PostgreSQL" in result.err
