@@ -3,15 +3,15 @@
 1. Throughput: for each worker count, `headscope worker` processes on tiny-llama
    drain the same batch of head-detector runs; prints jobs/s and the ratio to one
    worker (the workers are started and registered before the runs are queued).
-2. Faults: the batch again while a worker is SIGKILLed every `--kill-every`
-   seconds (and a new one started); prints, counted in the database, the runs that
+2. Faults: the batch again while a worker is SIGKILLed mid-run every
+   `--kill-every` seconds (and a new one started); prints, counted in the database, the runs that
    succeeded, the runs with other than one stored result, and the retries.
 3. Reads under writes: `findings.query` latency (p50, p99) on a front end while
    workers write findings, against PostgreSQL (`serve --no-workers` + workers) and
    SQLite (`serve` running the analyses in its threads).
 
     .venv/bin/python bench/job_queue.py                               # the full setting
-    .venv/bin/python bench/job_queue.py --jobs 4 --workers 1,2 --query-seconds 2 --kill-every 6
+    .venv/bin/python bench/job_queue.py --jobs 4 --workers 1,2 --query-seconds 2 --kill-every 8
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import cache
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -42,7 +43,12 @@ from helpers.rpc import Server  # noqa: E402
 
 ANALYSIS, MODEL = "head-detector", "tiny-llama"
 PARAMS = {"n_random": 1, "random_length": 8}
-FAULTS = ["--heartbeat", "0.5", "--stalled-after", "2", "--max-attempts", "10"]
+FAULTS = ["--heartbeat", "1", "--stalled-after", "4", "--max-attempts", "10"]
+
+
+@cache
+def engine(url: str):
+    return create_engine(url)
 
 
 def start_worker(url: str) -> subprocess.Popen:
@@ -66,7 +72,7 @@ def stop(processes: list[subprocess.Popen]) -> None:
 
 
 def scalar(url: str, sql: str) -> int:
-    with create_engine(url).connect() as connection:
+    with engine(url).connect() as connection:
         return int(connection.execute(text(sql)).scalar() or 0)
 
 
@@ -92,6 +98,13 @@ def submit(url: str, count: int) -> None:
             enqueue(app, store, jobs.record(store, prepared), prepared.model_name)
     finally:
         app.close()
+
+
+def running_owners(url: str) -> set[int]:
+    """Process ids of the workers running a run now."""
+    with engine(url).connect() as connection:
+        query = text("SELECT owner_pid FROM runs WHERE status = 'running'")
+        return {pid for (pid,) in connection.execute(query) if pid is not None}
 
 
 def unfinished(url: str) -> int:
@@ -121,10 +134,15 @@ def faults(cluster: Cluster, workers: int, count: int, kill_every: float) -> dic
     try:
         wait_registered(url, workers)
         submit(url, count)
-        last_kill = time.time()
-        while unfinished(url):
-            if time.time() - last_kill >= kill_every:
-                victim = random.choice([p for p in processes if p.poll() is None])
+        last_kill = last_report = time.time()
+        while left := unfinished(url):
+            if time.time() - last_report >= 10:
+                print(f"  ... {left} runs unfinished, {kills} workers killed", flush=True)
+                last_report = time.time()
+            busy = running_owners(url)
+            victims = [p for p in processes if p.poll() is None and p.pid in busy]
+            if victims and time.time() - last_kill >= kill_every:  # kill one mid-run
+                victim = random.choice(victims)
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
                 processes.append(start_worker(url))
@@ -188,7 +206,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
-    parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between kills")
+    parser.add_argument(
+        "--kill-every", type=float, default=5.0, help="seconds between kills (of a worker mid-run)"
+    )
     parser.add_argument("--query-seconds", type=float, default=10.0)
     args = parser.parse_args()
     counts = [int(part) for part in args.workers.split(",")]
