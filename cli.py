@@ -1340,7 +1340,8 @@ def serve_command(
         threads = torch_threads or serve.default_torch_threads()
         store = Store(db)
         queued = _queued_runs(store, max_queued, no_workers)
-        return Service.open(store, kit.registry(), threads, max_queued, queued)
+        pool = queued.pool if queued else None
+        return Service.open(store, kit.registry(), threads, max_queued, queued, pool)
 
     def authenticate(service):
         from .core.rpc.auth import authenticator

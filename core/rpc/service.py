@@ -41,15 +41,17 @@ class Service:
         torch_threads: int | None = None,
         max_queued: int = DEFAULT_MAX_QUEUED,
         workers: Any = None,
+        pool: ModelPool | None = None,
     ) -> Service:
-        """With `workers` given, runs go to it instead of this process's threads."""
+        """With `workers` given, runs go to it instead of this process's threads
+        (`pool`: the models it holds, if any, for models.list and models.unload)."""
         recovered = store.mark_interrupted(only_dead_owners=True)
         if recovered:
             log.info("marked runs left by a stopped process as interrupted: %s", recovered)
         for plugin in registry.plugins:
             if plugin.error:
                 log.warning("plugin %s failed to load: %s", plugin.name, plugin.error)
-        pool = ModelPool(registry.models)
+        pool = pool or ModelPool(registry.models)
         if workers is None:
             workers = ModelWorkers(store, registry, pool, torch_threads, max_queued)
         settle_heap()  # the libraries and plugins just imported live as long as we do
