@@ -1282,6 +1282,12 @@ def serve_command(
         help="Runs that may wait in the queue at once; beyond it runs.submit answers "
         "-32009 (queue full) and stores nothing.",
     ),
+    no_workers: bool = typer.Option(
+        False,
+        "--no-workers",
+        help="A front end only (PostgreSQL): load no model; `headscope worker` "
+        "processes run what is submitted.",
+    ),
     format: str = FormatOption(
         help="Announce the address and shutdown as a line on stderr (table) or a JSON "
         "line on stdout (json; on stderr with --stdio)."
@@ -1289,7 +1295,10 @@ def serve_command(
     db: str | None = DbOption(),
 ) -> None:
     """Serve the JSON-RPC API (see docs/rpc.md) and, over HTTP, the web dashboard at /
-    (docs/dashboard.md), until SIGTERM or Ctrl-C."""
+    (docs/dashboard.md), until SIGTERM or Ctrl-C.
+
+    With a PostgreSQL database, submitted runs go to the queue there: this process
+    runs them too unless --no-workers is given (see docs/deployment.md)."""
     import logging
 
     from .core.rpc import serve
@@ -1330,7 +1339,10 @@ def serve_command(
         from .storage.store import Store
 
         threads = torch_threads or serve.default_torch_threads()
-        return Service.open(Store(db), kit.registry(), threads, max_queued)
+        store = Store(db)
+        queued = _queued_runs(store, max_queued, no_workers)
+        pool = queued.pool if queued else None
+        return Service.open(store, kit.registry(), threads, max_queued, queued, pool)
 
     if stdio:
         serve.serve_stdin(open_service, announce, max_request_bytes, shutdown_timeout)
@@ -1343,7 +1355,47 @@ def serve_command(
             token or None,
             max_request_bytes,
             shutdown_timeout,
+            _token_check(token),
         )
+
+
+def _token_check(token: str | None):
+    """The request check of `serve` and `mcp --http`: the server's own token, then the
+    named tokens in the store (`headscope tokens`); a token is required once either
+    exists."""
+
+    def authenticate(service):
+        from .core.rpc.auth import authenticator
+
+        required = bool(token) or service.store.has_tokens()
+        return authenticator(token, service.store.token_by_hash, required), required
+
+    return authenticate
+
+
+def _queued_runs(store, max_queued: int, no_workers: bool):
+    """With PostgreSQL, runs go to the queue in the database (and, unless
+    `no_workers`, a worker thread here takes them); with SQLite, None: this
+    process's threads take them as they always did."""
+    from .runqueue.backend import QueuedRuns, is_queue_url
+
+    if not is_queue_url(store.url):
+        if no_workers:
+            raise InvalidParamsError(
+                "--no-workers needs a PostgreSQL database (--db postgresql+psycopg://...): "
+                "with SQLite, runs are taken by this process"
+            )
+        return None
+    from .core.models import ModelPool
+    from .runqueue.worker import QueueWorker
+
+    registry = kit.registry()
+    queued = QueuedRuns(
+        store, registry, max_queued, None if no_workers else ModelPool(registry.models)
+    )
+    if not no_workers:
+        queued.start_worker(QueueWorker(store, registry, pool=queued.pool))
+    return queued
 
 
 @app.command("mcp")
@@ -1418,11 +1470,199 @@ def mcp_command(
     if http:
         from .core.mcp.http import serve_http
 
-        serve_http(open_service, announce, host, port, token or None, shutdown_timeout)
+        serve_http(
+            open_service, announce, host, port, token or None, shutdown_timeout, _token_check(token)
+        )
     else:
         from .core.mcp.server import serve_stdio
 
         serve_stdio(open_service, announce, shutdown_timeout)
+
+
+# ----------------------------------------------------------------------------------
+# the queue in PostgreSQL: workers, queued submission, API tokens
+# ----------------------------------------------------------------------------------
+@app.command("worker")
+def worker_command(
+    model: list[str] = typer.Option(
+        [],
+        "--model",
+        "-m",
+        help="A model this worker serves (repeatable; loaded at start and kept). "
+        "Default: runs on any model, each loaded when first needed.",
+    ),
+    heartbeat: float = typer.Option(5.0, help="Seconds between this worker's heartbeats."),
+    stalled_after: float = typer.Option(
+        30.0,
+        help="Seconds without a heartbeat after which a worker counts as dead and its "
+        "run goes back to the queue.",
+    ),
+    max_attempts: int = typer.Option(
+        3, help="Attempts at a run whose worker died, before the run is failed."
+    ),
+    torch_threads: int | None = typer.Option(
+        None, help="CPU threads for the analyses (default: torch's own choice)."
+    ),
+    shutdown_timeout: float = typer.Option(
+        600.0,
+        help="On SIGTERM or Ctrl-C, seconds to let the run in flight finish; after "
+        "that the worker exits and the run is retried by another worker.",
+    ),
+    db: str | None = DbOption(),
+) -> None:
+    """Take queued runs from a PostgreSQL database and run them, until SIGTERM or Ctrl-C."""
+    import logging
+    import os
+    import signal
+    import threading
+
+    from .runqueue.backend import connection_info
+    from .runqueue.worker import QueueWorker
+    from .storage.db import database_url
+    from .storage.store import Store
+
+    if max_attempts < 1:
+        raise InvalidParamsError("--max-attempts must be at least 1")
+    if heartbeat <= 0:
+        raise InvalidParamsError("--heartbeat must be positive")
+    if torch_threads is not None and torch_threads < 1:
+        raise InvalidParamsError("--torch-threads must be at least 1")
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("headscope").setLevel(logging.INFO)
+    connection_info(database_url(db))  # a clear error for SQLite before anything opens
+    store = Store(db, mode="write")
+    worker = QueueWorker(
+        store,
+        kit.registry(),
+        model,
+        heartbeat=heartbeat,
+        stalled_after=stalled_after,
+        max_attempts=max_attempts,
+    )
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    worker.preload()
+    served = ", ".join(worker.models) or "any model"
+    err_console.print(
+        f"headscope worker {worker.name} taking runs for {served} (pid {os.getpid()})"
+    )
+    thread = threading.Thread(target=worker.serve, args=(stop,), name="queue-worker", daemon=True)
+    thread.start()
+    while thread.is_alive() and not stop.wait(0.5):
+        pass
+    thread.join(shutdown_timeout)
+    if thread.is_alive():
+        err_console.print("headscope worker: a run was still going; another worker retries it")
+        os._exit(1)  # the run's thread cannot be stopped; its job is retried elsewhere
+    err_console.print("headscope worker stopped")
+
+
+@runs_app.command("submit")
+def runs_submit(
+    analysis: str = typer.Argument(..., help="Analysis name (see `headscope analyses list`)."),
+    model: str = ModelOption(),
+    params_file: Path | None = typer.Option(None, "--params", help="JSON file of parameters."),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", help="key=value (JSON values allowed); repeatable."
+    ),
+    seed: int = SeedOption("Seed for every random choice in the run."),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Queue a run in a PostgreSQL database for `headscope worker` processes; prints its id.
+
+    Follow it with `headscope runs wait ID`. With SQLite, use `headscope run`."""
+    from .core import jobs
+    from .core.analysis import FindingsReader
+    from .runqueue.backend import connection_info, enqueue, sync_app
+
+    _check_format(format, ("table", "json"))
+    registry = kit.registry()
+    prepared = jobs.prepare(registry, analysis, model, kit.parse_params(param, params_file), seed)
+    store = kit.store(db)
+    connection_info(store.url)  # SQLite has no queue: say so before storing anything
+    jobs.check_runs(prepared, FindingsReader(store, registry))
+    queue_app = sync_app(store.url)
+    try:
+        run_id = jobs.record(store, prepared)
+        enqueue(queue_app, store, run_id, prepared.model_name)
+    finally:
+        queue_app.close()
+    if format == "json":
+        _emit_json({"run_id": run_id, "status": "queued"})
+    else:
+        console.print(f"run {run_id}: queued")
+
+
+tokens_app = typer.Typer(
+    help="Named API tokens for `headscope serve`, with scopes.", no_args_is_help=True
+)
+app.add_typer(tokens_app, name="tokens")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: str = typer.Argument(..., help="A name for the token (runs record it)."),
+    scope: list[str] = typer.Option(
+        ["read"],
+        "--scope",
+        "-s",
+        help="read (query), submit (also run and cancel) or admin (also load and "
+        "unload models); repeatable.",
+    ),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Make a token; it is printed once, and only its hash is stored."""
+    from .core.rpc.auth import check_scopes, new_token, token_hash
+    from .core.runs import MAX_NAME_LENGTH
+
+    _check_format(format, ("table", "json"))
+    if not name.strip() or len(name) > MAX_NAME_LENGTH:
+        raise InvalidParamsError(f"a token name needs 1 to {MAX_NAME_LENGTH} characters")
+    scopes = check_scopes(scope)
+    token = new_token()
+    kit.store(db).create_token(name, token_hash(token), scopes)
+    if format == "json":
+        _emit_json({"name": name, "scopes": scopes, "token": token})
+    else:
+        err_console.print(f"token {name!r} ({', '.join(scopes)}); shown only now:")
+        console.print(token)
+
+
+@tokens_app.command("list")
+def tokens_list(format: str = FormatOption(), db: str | None = DbOption()) -> None:
+    """Every token's name, scopes and dates (never the tokens themselves)."""
+    _check_format(format, ("table", "json"))
+    rows = kit.store(db, mode="read").tokens()
+    if format == "json":
+        when = ("created_at", "revoked_at")
+        _emit_json([{**row, **{k: row[k] and row[k].isoformat() for k in when}} for row in rows])
+        return
+    table = _table("API tokens", ("name", "scopes", "created", "revoked"))
+    for row in rows:
+        revoked = row["revoked_at"].isoformat(timespec="seconds") if row["revoked_at"] else ""
+        created = row["created_at"].isoformat(timespec="seconds")
+        table.add_row(row["name"], ", ".join(row["scopes"]), created, revoked)
+    console.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    name: str = typer.Argument(..., help="The token's name."), db: str | None = DbOption()
+) -> None:
+    """Revoke a token: servers refuse it from the next request on."""
+    kit.store(db, mode="write").revoke_token(name)
+    console.print(f"token {name!r} revoked")
 
 
 def main() -> None:

@@ -49,6 +49,10 @@ class RunNotFoundError(HeadscopeError):
     """No stored run has this id."""
 
 
+class RunAlreadyFinishedError(HeadscopeError):
+    """Another attempt at the run finished it first: its findings are not stored twice."""
+
+
 class RunFailedError(HeadscopeError):
     """Results were asked of a run that ended without them."""
 

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .analysis import Analysis, FindingsReader, RunContext
-from .errors import CancelledError, HeadscopeError, InvalidParamsError
+from .errors import CancelledError, HeadscopeError, InvalidParamsError, RunAlreadyFinishedError
 from .models import ModelHandle
 from .runs import MAX_NAME_LENGTH, MAX_SEED
 
@@ -99,8 +99,8 @@ def check_against_model(prepared: PreparedRun, handle: ModelHandle, registry: An
     prepared.analysis.check(prepared.params, handle, registry)
 
 
-def record(store: Any, prepared: PreparedRun) -> int:
-    """Write the run as queued; returns its id."""
+def record(store: Any, prepared: PreparedRun, submitted_by: str | None = None) -> int:
+    """Write the run as queued (by the named token, if any); returns its id."""
     versions = package_versions({f"plugin:{prepared.plugin}": prepared.plugin_version})
     return store.create_run(
         analysis=prepared.analysis.name,
@@ -110,6 +110,7 @@ def record(store: Any, prepared: PreparedRun) -> int:
         seed=prepared.seed,
         plugin=prepared.plugin,
         packages=versions,
+        submitted_by=submitted_by,
     )
 
 
@@ -165,15 +166,17 @@ def execute(
             run_id, finding.head_scores, finding.metrics, artifacts, finding.summary or None
         )
     except CancelledError:
-        store.fail_run(run_id, "cancelled", status="cancelled")
+        store.fail_run(run_id, "cancelled", status="cancelled", only_unfinished=True)
+    except RunAlreadyFinishedError as error:  # another attempt won: leave its result
+        log.warning("%s", error)
     except KeyboardInterrupt:  # Ctrl-C in the CLI: say so now, not at the next start
-        store.fail_run(run_id, INTERRUPTED_BY_USER, status="interrupted")
+        store.fail_run(run_id, INTERRUPTED_BY_USER, status="interrupted", only_unfinished=True)
         raise
     except HeadscopeError as error:
-        store.fail_run(run_id, str(error))
+        store.fail_run(run_id, str(error), only_unfinished=True)
     except Exception as error:  # analysis bugs: keep the run, log the traceback
         log.exception("run %s failed", run_id)
-        store.fail_run(run_id, f"{type(error).__name__}: {error}")
+        store.fail_run(run_id, f"{type(error).__name__}: {error}", only_unfinished=True)
     return store.get_run(run_id)
 
 

@@ -58,6 +58,9 @@ class RunSummary:
     progress_message: str | None
     packages: dict[str, Any]
     summary: dict[str, Any] | None
+    submitted_by: Annotated[
+        str | None, Field(description="Name of the API token that submitted it, if any.")
+    ] = None
 
     def as_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)

@@ -95,8 +95,15 @@ class ModelWorkers:
         self._closing = False
 
     # -- requests ------------------------------------------------------------------------
-    def submit(self, analysis: str, model: str, params: dict | None, seed: int = 0) -> int:
-        """Validate, record as queued and enqueue; returns the run id."""
+    def submit(
+        self,
+        analysis: str,
+        model: str,
+        params: dict | None,
+        seed: int = 0,
+        submitted_by: str | None = None,
+    ) -> int:
+        """Validate, record as queued (by the named token) and enqueue; returns the run id."""
         findings = FindingsReader(self.store, self.registry)
         prepared = jobs.prepare(self.registry, analysis, model, params, seed, findings)
         with self._lock:
@@ -104,7 +111,7 @@ class ModelWorkers:
                 raise ShuttingDownError("the service is shutting down; no new runs")
             if sum(job.waiting for job in self._active.values()) >= self.max_queued:
                 raise QueueFullError(self.max_queued)
-            run_id = jobs.record(self.store, prepared)
+            run_id = jobs.record(self.store, prepared, submitted_by)
             job = _Job(run_id, prepared)
             self._active[run_id] = job
             self._queue_for(prepared.model_name).put(job)

@@ -116,6 +116,11 @@ class Run(Base):
     owner_host: Mapped[str | None] = mapped_column(Text)
     owner_pid: Mapped[int | None] = mapped_column(Integer)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: the API token's name that submitted it (null: the command line, an open server)
+    submitted_by: Mapped[str | None] = mapped_column(Text)
+    #: its job in the database queue (null: run in the submitting process): such a
+    #: run is recovered by the queue, never marked interrupted for its owner's death
+    queue_job: Mapped[int | None] = mapped_column(BigInteger)
 
     model: Mapped[ModelRecord | None] = relationship()
 
@@ -157,3 +162,17 @@ class ArtifactRecord(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """A named bearer token for the JSON-RPC server, stored as its SHA-256 hash only
+    (tokens are random, so a fast hash is enough; the token itself is shown once)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    token_hash: Mapped[str] = mapped_column(Text, unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

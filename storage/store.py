@@ -28,11 +28,12 @@ from sqlalchemy import Select, bindparam, case, delete, func, insert, select, up
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..core.errors import HeadscopeError, RunNotFoundError
+from ..core.errors import HeadscopeError, RunAlreadyFinishedError, RunNotFoundError
 from ..core.paths import data_dir
 from ..core.runs import FINISHED, RunSummary
 from .db import Mode, database_path, database_url, open_database, upgrade
 from .schema import (
+    ApiToken,
     ArtifactRecord,
     DatabaseIdentity,
     HeadScore,
@@ -72,6 +73,7 @@ def _summary(run: Run) -> RunSummary:
         progress_message=run.progress_message,
         packages=run.packages or {},
         summary=run.summary,
+        submitted_by=run.submitted_by,
     )
 
 
@@ -175,6 +177,7 @@ class Store:
         seed: int,
         plugin: str | None = None,
         packages: dict[str, Any] | None = None,
+        submitted_by: str | None = None,
     ) -> int:
         with self.session() as session, session.begin():
             run = Run(
@@ -190,10 +193,21 @@ class Store:
                 cancel_requested=False,
                 owner_host=socket.gethostname(),
                 owner_pid=os.getpid(),
+                submitted_by=submitted_by,
             )
             session.add(run)
             session.flush()
             return run.id
+
+    def set_queue_job(self, run_id: int, job_id: int) -> None:
+        """Record the run's job in the database queue, which then recovers it."""
+        with self.session() as session, session.begin():
+            session.execute(update(Run).where(Run.id == run_id).values(queue_job=job_id))
+
+    def queue_job(self, run_id: int) -> int | None:
+        """The run's job in the database queue (None: it is run by its submitter)."""
+        with self.session() as session:
+            return session.scalar(select(Run.queue_job).where(Run.id == run_id))
 
     def mark_running(self, run_id: int, model_id: int | None, model_revision: str | None) -> None:
         with self.session() as session, session.begin():
@@ -261,9 +275,13 @@ class Store:
             if math.isnan(row["value"]):
                 raise ValueError(f"a finding is NaN, not a number: {row}")
         with self.session() as session, session.begin():
-            run = session.get(Run, run_id)
+            run = session.get(Run, run_id, with_for_update=True)
             if run is None:
                 raise RunNotFoundError(f"no run with id {run_id}")
+            if run.status in FINISHED:  # another attempt finished it: never store twice
+                raise RunAlreadyFinishedError(
+                    f"run {run_id} is already {run.status}; its findings are not written again"
+                )
             if score_rows:
                 session.execute(insert(HeadScore), score_rows)
             if metric_rows:
@@ -276,10 +294,14 @@ class Store:
             run.summary = summary
             run.duration_seconds = _elapsed(run.started_at or run.created_at, finished)
 
-    def fail_run(self, run_id: int, error: str, status: str = "failed") -> None:
+    def fail_run(
+        self, run_id: int, error: str, status: str = "failed", only_unfinished: bool = False
+    ) -> None:
+        """Record why a run ended without results. With `only_unfinished`, a run that
+        has ended already (say another attempt at it succeeded) is left as it is."""
         with self.session() as session, session.begin():
-            run = session.get(Run, run_id)
-            if run is None:
+            run = session.get(Run, run_id, with_for_update=True)
+            if run is None or (only_unfinished and run.status in FINISHED):
                 return
             finished = utcnow()
             run.status = status
@@ -291,12 +313,15 @@ class Store:
         """Mark runs left queued/running by a process that no longer exists.
 
         With `only_dead_owners=False` every unfinished run is marked (a service that
-        owns all runs calls this at start-up).
+        owns all runs calls this at start-up). Runs in the database queue are left to
+        it: a job whose worker died is retried there.
         """
         host = socket.gethostname()
         marked = []
         with self.session() as session, session.begin():
-            stale = session.scalars(select(Run).where(Run.status.in_(("queued", "running"))))
+            stale = session.scalars(
+                select(Run).where(Run.status.in_(("queued", "running")), Run.queue_job.is_(None))
+            )
             for run in stale:
                 if only_dead_owners and not _owner_dead(run, host):
                     continue
@@ -305,6 +330,53 @@ class Store:
                 run.finished_at = utcnow()
                 marked.append(run.id)
         return marked
+
+    # -- API tokens ----------------------------------------------------------------------
+    def create_token(self, name: str, token_hash: str, scopes: Sequence[str]) -> None:
+        with self.session() as session, session.begin():
+            taken = session.scalar(select(ApiToken.id).where(ApiToken.name == name))
+            if taken is not None:
+                raise HeadscopeError(
+                    f"a token named {name!r} exists; revoke it or pick another name"
+                )
+            session.add(ApiToken(name=name, token_hash=token_hash, scopes=list(scopes)))
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every token, revoked ones too (without hashes), oldest first."""
+        with self.session() as session:
+            rows = session.scalars(select(ApiToken).order_by(ApiToken.id))
+            return [
+                {
+                    "name": t.name,
+                    "scopes": t.scopes,
+                    "created_at": t.created_at,
+                    "revoked_at": t.revoked_at,
+                }
+                for t in rows
+            ]
+
+    def revoke_token(self, name: str) -> None:
+        with self.session() as session, session.begin():
+            token = session.scalar(select(ApiToken).where(ApiToken.name == name))
+            if token is None:
+                raise HeadscopeError(f"no token named {name!r}")
+            if token.revoked_at is None:
+                token.revoked_at = utcnow()
+
+    def token_by_hash(self, token_hash: str) -> tuple[str, list[str]] | None:
+        """(name, scopes) of the live token with this hash; None if none or revoked."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(ApiToken.name, ApiToken.scopes).where(
+                    ApiToken.token_hash == token_hash, ApiToken.revoked_at.is_(None)
+                )
+            ).first()
+        return None if row is None else (row.name, list(row.scopes))
+
+    def has_tokens(self) -> bool:
+        with self.session() as session:
+            query = select(ApiToken.id).where(ApiToken.revoked_at.is_(None)).limit(1)
+            return session.scalar(query) is not None
 
     # -- reading -------------------------------------------------------------------------
     def get_run(self, run_id: int) -> RunSummary:

@@ -4,7 +4,7 @@ The same MCP server as over stdio (`server.build_server`), as the SDK's
 streamable-HTTP app at `/mcp`, served by uvicorn. Requests pass the same
 token rules as `headscope serve`: `rpc.http.check_binding` refuses an address
 beyond loopback without a token, and every request's Authorization header goes
-to the same `Authorize` check (`rpc.auth`) before the SDK sees it. On loopback
+to the same `Authenticate` check (`rpc.auth`) before the SDK sees it. On loopback
 the SDK's DNS-rebinding protection also checks the Host and Origin headers.
 
 Shutdown on SIGTERM/SIGINT: uvicorn stops accepting, lets open requests finish
@@ -20,12 +20,13 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 
 from ..errors import HeadscopeError
-from ..rpc.auth import Authorize, static_token
+from ..rpc.auth import Authenticate, authenticator
 from ..rpc.errors import UNAUTHORIZED
 from ..rpc.http import DEFAULT_HOST, check_binding
 from ..rpc.protocol import encode, error_response
@@ -39,16 +40,17 @@ PATH = "/mcp"
 
 
 class RequireCaller:
-    """ASGI middleware: HTTP requests whose Authorization header `authorize`
+    """ASGI middleware: HTTP requests whose Authorization header `authenticate`
     refuses get 401 with a JSON-RPC error body; the caller rides in the scope."""
 
-    def __init__(self, app: Any, authorize: Authorize):
-        self.app, self.authorize = app, authorize
+    def __init__(self, app: Any, authenticate: Authenticate):
+        self.app, self.authenticate = app, authenticate
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             header = dict(scope.get("headers") or []).get(b"authorization")
-            caller = self.authorize(header.decode("latin-1") if header is not None else None)
+            headers = {} if header is None else {"Authorization": header.decode("latin-1")}
+            caller = self.authenticate(headers)
             if caller is None:
                 body = encode(
                     error_response(UNAUTHORIZED, "Unauthorized: a bearer token is required")
@@ -97,10 +99,12 @@ def serve_http(
     port: int = DEFAULT_PORT,
     token: str | None = None,
     shutdown_timeout: float = 30.0,
-    authorize: Authorize | None = None,
+    authenticate: Callable[[Any], tuple[Authenticate, bool]] | None = None,
 ) -> None:
-    """Serve MCP over streamable HTTP until SIGTERM/SIGINT."""
-    check_binding(host, token)  # before the slow start, so a refusal is quick
+    """Serve MCP over streamable HTTP until SIGTERM/SIGINT. `authenticate(service)`
+    gives the request check and whether it requires a token, as for `rpc.serve`;
+    without it, `token` (if any) is the one token, holding every scope."""
+    check_binding(host, token or bool(authenticate))  # before the slow start, so a refusal is quick
     stop = threading.Event()
     sys.setswitchinterval(SWITCH_INTERVAL_S)  # requests get the GIL sooner while runs work
     # until uvicorn runs (it takes these signals, then raises them again when done)
@@ -115,9 +119,15 @@ def serve_http(
     try:
         if stop.is_set():  # stopped while the service opened
             return
+        check, required = (
+            authenticate(service)
+            if authenticate
+            else (authenticator(token, required=bool(token)), bool(token))
+        )
+        check_binding(host, required)
         app = build_server(service).streamable_http_app(streamable_http_path=PATH, host=host)
         config = uvicorn.Config(
-            RequireCaller(app, authorize or static_token(token)),
+            RequireCaller(app, check),
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=max(1, int(shutdown_timeout)),
@@ -127,7 +137,7 @@ def serve_http(
             "event": "listening",
             "url": url_of(sock),
             "pid": os.getpid(),
-            "auth": bool(token or authorize),
+            "auth": required,
             "interrupted_runs": service.recovered,
         }
         threading.Thread(

@@ -69,14 +69,16 @@ def build_server(service: Any) -> Server:
     async def list_tools(_ctx: Any, _params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=listed)
 
-    async def call_tool(_ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         tool = tools.get(params.name)
         if tool is None:
             message = f"unknown tool {params.name!r}; tools: {', '.join(tools)}"
             return _tool_result(
                 Outcome({"error": {"code": INVALID_PARAMS, "message": message}}, message)
             )
-        return _tool_result(await _in_thread(tool.call, service, params.arguments or {}))
+        request = getattr(ctx, "request", None)  # over HTTP: the request, with its caller
+        caller = request.scope.get("headscope.caller") if request is not None else None
+        return _tool_result(await _in_thread(tool.call, service, params.arguments or {}, caller))
 
     async def list_resources(_ctx: Any, params: Any) -> types.ListResourcesResult:
         cursor = params.cursor if params is not None else None

@@ -24,9 +24,10 @@ from ..errors import HeadscopeError, validation_error
 from ..models import DEFAULT_MODEL
 from ..plugins import Registry
 from ..rpc import RpcMethod
-from ..rpc.errors import ERRORS, INTERNAL_ERROR, RUN_FAILED
+from ..rpc.auth import Caller
+from ..rpc.errors import ERRORS, FORBIDDEN, INTERNAL_ERROR, RUN_FAILED
 from ..rpc.errors import error_object as rpc_error
-from ..rpc.methods import SubmitParams, service_methods
+from ..rpc.methods import SubmitParams, required_scope, service_methods
 from ..runs import FINISHED
 
 log = logging.getLogger("headscope.mcp")
@@ -71,8 +72,22 @@ class Tool:
     #: the tool's arguments as the method's params
     params: Callable[[dict[str, Any]], dict[str, Any]] = dict
 
-    def call(self, service: Any, arguments: dict[str, Any]) -> Outcome:
-        """Validate, run the method's handler, and answer; never raises."""
+    def call(
+        self, service: Any, arguments: dict[str, Any], caller: Caller | None = None
+    ) -> Outcome:
+        """Validate, run the method's handler, and answer; never raises. A `caller`
+        (over HTTP) needs the method's scope, and runs it submits record its name."""
+        if caller is not None:
+            needed = required_scope(self.method.name)
+            if not caller.allows(needed):
+                message = (
+                    f"Forbidden: {self.name} needs the {needed!r} scope, which "
+                    f"{'token ' + repr(caller.name) if caller.name else 'this caller'} "
+                    "does not hold"
+                )
+                failure = {"code": FORBIDDEN, "message": message, "data": {"required": needed}}
+                return Outcome({"error": failure}, message)
+            service = service.for_caller(caller)
         try:
             try:
                 params = self.method.params.model_validate(self.params(arguments))

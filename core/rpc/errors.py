@@ -43,6 +43,7 @@ SHUTTING_DOWN = -32008
 QUEUE_FULL = -32009
 UNAUTHORIZED = -32010
 REQUEST_TOO_LARGE = -32011
+FORBIDDEN = -32012
 
 #: code -> (short message, when it happens); the documented list (docs/rpc.md)
 ERRORS: dict[int, tuple[str, str]] = {
@@ -63,6 +64,10 @@ ERRORS: dict[int, tuple[str, str]] = {
     QUEUE_FULL: ("Queue full", "as many runs as the service allows are queued; nothing was stored"),
     UNAUTHORIZED: ("Unauthorized", "missing or wrong bearer token (HTTP 401)"),
     REQUEST_TOO_LARGE: ("Request too large", "the message exceeds the size limit (HTTP 413)"),
+    FORBIDDEN: (
+        "Forbidden",
+        "the token lacks the scope the method needs; `data.required` names it",
+    ),
 }
 
 

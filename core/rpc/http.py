@@ -3,8 +3,8 @@
 Built on the standard library's ThreadingHTTPServer: a thread per connection suits
 a synchronous dispatcher whose methods are short (runs go to the model workers),
 HTTP/1.1 keep-alive serves repeated calls on one connection, and it adds no
-dependency. What a service needs on top is here: a bearer token (required when the
-address is not loopback; compared in constant time), a request size limit checked
+dependency. What a service needs on top is here: bearer tokens (required when the
+address is not loopback; checked by one `auth.Authenticate` callable), a request size limit checked
 before the body is read, socket timeouts for slow clients, TCP_NODELAY (small
 responses are not held back by Nagle's algorithm), and a shutdown that stops
 accepting, lets requests in flight finish, then stops the workers.
@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import HeadscopeError
 from . import dashboard
-from .auth import Authorize, static_token
+from .auth import Authenticate, Caller, authenticator
 from .errors import REQUEST_TOO_LARGE, SHUTTING_DOWN, UNAUTHORIZED
 from .protocol import Endpoint, encode, error_response
 
@@ -59,13 +59,13 @@ def is_loopback(host: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
-def check_binding(host: str, token: str | None) -> None:
+def check_binding(host: str, token: str | bool | None) -> None:
     """Refuse a host that names no address, and listening beyond this machine
     without a token."""
     if not token and not is_loopback(host):
         raise HeadscopeError(
             f"--host {host} is reachable from other machines: set a bearer token with "
-            "--token or HEADSCOPE_TOKEN"
+            "--token or HEADSCOPE_TOKEN, or create named ones with `headscope tokens create`"
         )
     if token:
         host_addresses(host)
@@ -83,13 +83,16 @@ class RpcHTTPServer(ThreadingHTTPServer):
         token: str | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         idle_timeout: float = 60.0,
-        authorize: Authorize | None = None,
+        authenticate: Authenticate | None = None,
     ):
-        """`authorize` checks each request's Authorization header (default: `token`)."""
-        check_binding(host, token)
+        """`authenticate` decides who a request comes from (its caller has checked
+        the binding); without it, `token` (if any) is the one accepted token, holding
+        every scope."""
+        if authenticate is None:
+            check_binding(host, token)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.endpoint, self.token, self.max_bytes = endpoint, token, max_bytes
-        self.authorize = authorize or static_token(token)
+        self.endpoint, self.max_bytes = endpoint, max_bytes
+        self.authenticate = authenticate or authenticator(token, required=bool(token))
         self.idle_timeout = idle_timeout
         self.closing = False  # set at shutdown: requests on open connections get 503
         self._in_flight = 0
@@ -143,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         """Refuse an oversized or unauthorised body before the client sends it."""
         length = self.headers.get("Content-Length", "")
-        if not self._authorised():
+        if self.server.authenticate(self.headers) is None:
             self._refuse_unauthorised(close=True)
             return False
         if length.isdigit() and int(length) > self.server.max_bytes:
@@ -173,13 +176,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._discard(length, limit)
             body = error_response(SHUTTING_DOWN, "Shutting down: the service is stopping")
             return self._reply(503, encode(body), close=True)
-        if not self._authorised():
+        caller: Caller | None = self.server.authenticate(self.headers)
+        if caller is None:
             self._discard(length, limit)
             return self._refuse_unauthorised(close=False)
         if length > limit:
             self._discard(length, 8 * limit)
             return self._refuse_too_large(length)
-        reply = self.server.endpoint.handle(self.rfile.read(length))
+        reply = self.server.endpoint.handle(self.rfile.read(length), caller)
         if reply is None:
             return self._reply(204, None)
         self._reply(200, reply)
@@ -214,9 +218,6 @@ class _Handler(BaseHTTPRequestHandler):
             {"limit_bytes": limit},
         )
         self._reply(413, encode(body), close=True)
-
-    def _authorised(self) -> bool:
-        return self.server.authorize(self.headers.get("Authorization")) is not None
 
     def _discard(self, length: int, cap: int) -> None:
         """Read and drop a body we will not use, up to `cap` bytes; past that, hang up.

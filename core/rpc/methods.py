@@ -166,8 +166,11 @@ def models_unload(service: Service, params: ModelName) -> dict[str, Any]:
 
 
 def runs_submit(service: Service, params: SubmitParams) -> dict[str, Any]:
+    submitted_by = service.caller.name if service.caller else None
     try:
-        run_id = service.workers.submit(params.analysis, params.model, params.params, params.seed)
+        run_id = service.workers.submit(
+            params.analysis, params.model, params.params, params.seed, submitted_by
+        )
     except InvalidParamsError as error:  # name analysis-param fields as the request does
         fields = [
             {**item, "field": "params" + (f".{item['field']}" if item.get("field") else "")}
@@ -368,6 +371,30 @@ METHODS: tuple[RpcMethod, ...] = (
         "This API as an OpenRPC document, with every installed analysis's params schema.",
     ),
 )
+
+
+#: the scope each built-in method needs (see `auth`: admin > submit > read); methods
+#: plugins register may compute, so they need `submit`
+SCOPES: dict[str, str] = {
+    "plugins.list": "read",
+    "analyses.list": "read",
+    "analyses.describe": "read",
+    "models.list": "read",
+    "models.load": "admin",
+    "models.unload": "admin",
+    "runs.submit": "submit",
+    "runs.get": "read",
+    "runs.list": "read",
+    "runs.cancel": "submit",
+    "runs.compare": "read",
+    "findings.query": "read",
+    "findings.head": "read",
+    "rpc.discover": "read",
+}
+
+
+def required_scope(method: str) -> str:
+    return SCOPES.get(method, "submit")
 
 
 def service_methods(registry: Any) -> tuple[RpcMethod, ...]:

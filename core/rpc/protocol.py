@@ -12,7 +12,9 @@ do on its own:
   a result that cannot be encoded is an internal error, not a broken response;
 - a batch is answered item by item, so one bad item never rejects the others;
 - request objects are checked by `check_request`, the library's request schema
-  written as code (its jsonschema check cost as much as a findings query's SQL).
+  written as code (its jsonschema check cost as much as a findings query's SQL);
+- a transport that authenticates passes the `Caller`: a method beyond its scopes
+  is refused (-32012), and the handler's context is bound to the caller.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
 from ..errors import HeadscopeError
-from .errors import ERRORS, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
+from .auth import Caller
+from .errors import ERRORS, FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
 from .errors import error_object as headscope_error
 
 log = logging.getLogger("headscope.rpc")
@@ -69,20 +72,33 @@ def encode(response: Any) -> str:
 
 
 class Endpoint:
-    """Answers JSON-RPC messages with a fixed method table and context."""
+    """Answers JSON-RPC messages with a fixed method table and context.
 
-    def __init__(self, methods: Iterable[RpcMethod], context: Any):
+    `required_scope` names the scope each method needs; `bind_caller` gives the
+    context a request's handlers see (say, one that knows the caller's name)."""
+
+    def __init__(
+        self,
+        methods: Iterable[RpcMethod],
+        context: Any,
+        required_scope: Callable[[str], str] | None = None,
+        bind_caller: Callable[[Any, Caller], Any] | None = None,
+    ):
         self._callables = {method.name: _bind(method) for method in methods}
         self._context = context
+        self._required_scope = required_scope
+        self._bind_caller = bind_caller
 
-    def handle(self, body: bytes | str) -> str | None:
-        """One message (a request or a batch) -> the response text, None if there is none."""
+    def handle(self, body: bytes | str, caller: Caller | None = None) -> str | None:
+        """One message (a request or a batch) -> the response text, None if there is none.
+
+        Without a caller (stdio, in-process use) every method may be called."""
         try:
-            return self._handle(body)
+            return self._handle(body, caller)
         except Exception:  # never leave a client without an answer
             return encode(_internal_error("handling a message"))
 
-    def _handle(self, body: bytes | str) -> str | None:
+    def _handle(self, body: bytes | str, caller: Caller | None) -> str | None:
         try:
             text = body.decode("utf-8") if isinstance(body, bytes) else body
             message = json.loads(text, parse_constant=_not_json)
@@ -93,18 +109,26 @@ class Endpoint:
         if isinstance(message, list):
             if not message:
                 return encode(error_response(INVALID_REQUEST, data="empty batch"))
-            replies = [reply for reply in map(self._one, message) if reply is not None]
+            replies = [self._one(item, caller) for item in message]
+            replies = [reply for reply in replies if reply is not None]
             return encode(replies) if replies else None
-        reply = self._one(message)
+        reply = self._one(message, caller)
         return None if reply is None else encode(reply)
 
-    def _one(self, request: Any) -> dict[str, Any] | None:
+    def _one(self, request: Any, caller: Caller | None) -> dict[str, Any] | None:
         if not isinstance(request, dict):  # a nested list would pass as a batch
             return error_response(INVALID_REQUEST, data="a request must be a JSON object")
+        context = self._context
+        if caller is not None:
+            needed = self._missing_scope(request, caller)
+            if needed is not None:
+                return _forbidden(request, caller, needed)
+            if self._bind_caller is not None:
+                context = self._bind_caller(context, caller)
         reply = dispatch_to_serializable(
             request,
             methods=self._callables,
-            context=self._context,
+            context=context,
             deserializer=lambda already_parsed: already_parsed,
             validator=check_request,
         )
@@ -114,6 +138,28 @@ class Endpoint:
             request_id = request.get("id")
             return {**failed, "id": request_id if isinstance(request_id, str | int) else None}
         return reply
+
+    def _missing_scope(self, request: dict[str, Any], caller: Caller) -> str | None:
+        """The scope the method needs that the caller lacks (None: it may call it)."""
+        method = request.get("method")
+        if self._required_scope is None or method not in self._callables:
+            return None  # unknown methods get the library's own answer
+        needed = self._required_scope(method)
+        return None if caller.allows(needed) else needed
+
+
+def _forbidden(request: dict[str, Any], caller: Caller, needed: str) -> dict[str, Any] | None:
+    """The -32012 answer (none for a notification, which gets no answer anyway)."""
+    if "id" not in request:
+        return None
+    request_id = request.get("id")
+    who = f"token {caller.name!r}" if caller.name else "this caller"
+    refused = error_response(
+        FORBIDDEN,
+        f"Forbidden: {request['method']} needs the {needed!r} scope, which {who} does not hold",
+        {"required": needed, "scopes": sorted(caller.scopes)},
+    )
+    return {**refused, "id": request_id if isinstance(request_id, str | int) else None}
 
 
 def _not_json(constant: str) -> Any:

@@ -22,8 +22,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .auth import Authenticate
 from .http import DEFAULT_HOST, DEFAULT_MAX_BYTES, DEFAULT_PORT, RpcHTTPServer, check_binding
-from .methods import service_methods
+from .methods import required_scope, service_methods
 from .protocol import Endpoint
 from .service import Service
 from .stdio import serve_stdio
@@ -75,14 +76,21 @@ def serve_http(
     token: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     shutdown_timeout: float = 30.0,
+    authenticate: Callable[[Service], tuple[Authenticate, bool]] | None = None,
 ) -> None:
+    """`authenticate(service)` gives the request check and whether it requires a
+    token; without it, `token` (if any) is the one token, holding every scope."""
     stop = threading.Event()
     _prepare_process(stop)
-    check_binding(host, token)  # before the slow start, so a refusal is quick
+    check_binding(host, token or bool(authenticate))  # before the slow start: quick
     service = open_service()
     try:
-        endpoint = Endpoint(service_methods(service.registry), service)
-        server = RpcHTTPServer(endpoint, host, port, token, max_bytes)
+        check, required = authenticate(service) if authenticate else (None, bool(token))
+        check_binding(host, required)
+        endpoint = Endpoint(
+            service_methods(service.registry), service, required_scope, Service.for_caller
+        )
+        server = RpcHTTPServer(endpoint, host, port, token, max_bytes, authenticate=check)
     except BaseException:
         service.close(shutdown_timeout)
         raise
@@ -96,7 +104,7 @@ def serve_http(
             "url": server.url,
             "dashboard": server.dashboard_url,
             "pid": os.getpid(),
-            "auth": bool(token),
+            "auth": required,
             "interrupted_runs": service.recovered,
         }
     )

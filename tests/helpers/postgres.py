@@ -108,6 +108,15 @@ class Cluster:
     def stop(self) -> None:
         _stop(self._watchdog)
 
+    def restart(self) -> None:
+        """Stop the server (dropping every connection) and start it again."""
+        pg_ctl, data = find_program("pg_ctl"), str(self.folder / "data")
+        done = _run(
+            [pg_ctl, "-D", data, "-m", "fast", "-w", "restart", "-l", str(self.folder / "log")]
+        )
+        if done.returncode != 0:
+            raise ClusterUnavailable(f"pg_ctl restart failed: {done.stderr.strip()}")
+
     def _admin(self, statement: str) -> None:
         import psycopg
 

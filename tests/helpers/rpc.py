@@ -29,13 +29,16 @@ class Server:
 
     def __init__(
         self,
-        db: Path,
+        db: Path | str,
         *args: str,
         env: dict[str, str] | None = None,
+        logs: Path | None = None,
         command: tuple[str, ...] = ("serve",),
     ):
+        """`db` is a file or a database URL (then its logs go to the folder `logs`)."""
         self.db = db
-        self.log = db.with_suffix(f".{time.monotonic_ns()}.log")
+        where = logs / "server" if logs is not None else Path(db)
+        self.log = where.with_suffix(f".{time.monotonic_ns()}.log")
         self.events = self.log.with_suffix(".events")
         command = [sys.executable, "-m", "headscope.cli", *command, "--port", "0"]
         command += ["--format", "json", "--db", str(db), *args]

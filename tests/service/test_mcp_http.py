@@ -3,6 +3,7 @@ streamable-HTTP client, behind the same token rules as `headscope serve`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,4 +92,30 @@ def test_beyond_loopback_a_token_is_required(tmp_path):
     )
     assert result.returncode == 1
     assert "reachable from other machines" in result.stderr and "--token" in result.stderr
-    assert not (tmp_path / "x.db").exists()  # refused before the store opened
+    assert "Traceback" not in result.stderr
+
+
+def test_a_read_token_may_query_but_not_submit(tmp_path):
+    db = tmp_path / "scoped.db"
+    created = subprocess.run(
+        [sys.executable, "-m", "headscope.cli", "tokens", "create", "reader"]
+        + ["--scope", "read", "--format", "json", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    reader = json.loads(created.stdout)["token"]
+    env = {"HEADSCOPE_TOKEN": "", "HEADSCOPE_LOAD_PLUGINS": ""}
+    server = Server(db, env=env, command=("mcp", "--http"))
+    try:
+        assert server.listening["auth"] is True  # a stored token makes one required
+        with mcp_http_session(server.url, reader) as session:
+            listed = session.call("runs_list")
+            assert not listed.is_error, listed.content
+            refused = session.call("run_head_detector", **TINY_DETECTOR)
+            assert refused.is_error
+            assert refused.structured_content["error"]["code"] == -32012
+            assert "'submit' scope" in refused.structured_content["error"]["message"]
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-3000:]
