@@ -101,7 +101,9 @@ def builtin_model_specs() -> list[ModelSpec]:
         ),
         ModelSpec("gemma3-270m", gemma3, "Gemma 3 270M (Q4_K_M GGUF from PyPI parts)"),
     ]
-    for family in ("llama", "qwen2", "gemma3", "gpt2"):
+    from .tiny import TINY_FAMILIES
+
+    for family in TINY_FAMILIES:
         specs.append(
             ModelSpec(f"tiny-{family}", TinyRandom(family), f"tiny random {family} for tests")
         )
