@@ -1175,6 +1175,8 @@ def tasks_show(
     n: int = typer.Option(32, "--n", min=1, help="Examples to build and score."),
     examples: int = typer.Option(5, "--examples", min=0, help="Examples to print."),
     seed: int = SeedOption("Seed for building examples."),
+    device: str | None = DeviceOption(),
+    dtype: str | None = DtypeOption(),
     format: str = FormatOption(),
 ) -> None:
     """Show a task's examples and the model's accuracy on them."""
@@ -1182,7 +1184,7 @@ def tasks_show(
 
     _check_format(format, ("table", "json"))
     task = kit.registry().task(name)
-    handle = kit.load_model(model, show_progress=format != "json")
+    handle = kit.load_model(model, format != "json", device, dtype)
     report = task_report(handle, task, n, seed, examples)
     if format == "json":
         _emit_json(report)
