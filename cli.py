@@ -153,6 +153,36 @@ def ModelOption():  # noqa: N802
     )
 
 
+def DeviceOption():  # noqa: N802
+    return typer.Option(
+        None,
+        "--device",
+        envvar="HEADSCOPE_DEVICE",
+        show_envvar=True,
+        help="Where the model runs: auto (the accelerator if any), cpu, cuda, cuda:N, mps.",
+    )
+
+
+def DtypeOption():  # noqa: N802
+    return typer.Option(
+        None,
+        "--dtype",
+        envvar="HEADSCOPE_DTYPE",
+        show_envvar=True,
+        help="Weight precision: auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), "
+        "float32, bfloat16, float16.",
+    )
+
+
+def DeviceMapOption():  # noqa: N802
+    return typer.Option(
+        None,
+        "--device-map",
+        help="auto: shard the model's layers over every visible GPU (accelerate); "
+        "--device auto does this by itself when there are several.",
+    )
+
+
 class CommandKit:
     """What every command works with, built once per invocation: the plugin
     registry, the store, model loading with a progress bar, and output helpers.
@@ -163,6 +193,9 @@ class CommandKit:
     format_option = staticmethod(FormatOption)
     db_option = staticmethod(DbOption)
     model_option = staticmethod(ModelOption)
+    device_option = staticmethod(DeviceOption)
+    dtype_option = staticmethod(DtypeOption)
+    device_map_option = staticmethod(DeviceMapOption)
 
     def __init__(self) -> None:
         self._registry = None
@@ -200,11 +233,24 @@ class CommandKit:
 
         return FindingsReader(self.store(db, mode="read"), self.registry())
 
-    def load_model(self, name: str, show_progress: bool = True):
+    def load_model(
+        self,
+        name: str,
+        show_progress: bool = True,
+        device: str | None = None,
+        dtype: str | None = None,
+        device_map: str | None = None,
+    ):
+        """Load a model on the device and in the precision asked for (see
+        `device_option`, `dtype_option`, `device_map_option`); a device this
+        machine lacks is an error before anything loads."""
+        from .core.devices import resolve_placement
         from .core.models import load_spec
 
+        spec = self.registry().models.resolve(name)
+        placement = None if spec.remote else resolve_placement(device, dtype, device_map)
         with progress_bar(show_progress) as progress:
-            return load_spec(self.registry().models.resolve(name), progress)
+            return load_spec(spec, progress, placement=placement)
 
     @staticmethod
     def parse_params(pairs: list[str], params_file: Path | None = None) -> dict[str, Any]:
@@ -325,9 +371,13 @@ def run_command(
     plot: Path | None = typer.Option(
         None, "--plot", help="Also write the primary-metric heatmap here (.png, .pdf or .svg)."
     ),
+    device: str | None = DeviceOption(),
+    dtype: str | None = DtypeOption(),
+    device_map: str | None = DeviceMapOption(),
     db: str | None = DbOption(),
 ) -> None:
-    """Run an analysis on a model and store its findings."""
+    """Run an analysis on a model and store its findings (with the device, dtype and
+    peak memory it used)."""
     from .core import jobs
     from .core.analysis import FindingsReader
     from .core.models import load_spec
@@ -337,12 +387,14 @@ def run_command(
     params = kit.parse_params(param, params_file)
     if plot is not None:
         output_file(plot, "plot file", PLOT_SUFFIXES)
-    prepared = jobs.prepare(registry, analysis, model, params, seed)
+    prepared = jobs.prepare(
+        registry, analysis, model, params, seed, device=device, dtype=dtype, device_map=device_map
+    )
     store = kit.store(db)  # params are valid: only now may a database be made
     jobs.check_runs(prepared, FindingsReader(store, registry))
     show = format != "json"
     with progress_bar(show) as progress:
-        handle = load_spec(registry.models.resolve(model), progress)
+        handle = load_spec(registry.models.resolve(model), progress, placement=prepared.placement)
         jobs.check_against_model(prepared, handle, registry)
         run_id = jobs.record(store, prepared)
         try:
@@ -438,6 +490,13 @@ def _print_run(store, registry, run_id: int, top: int | None, metric: str | None
         console.print(f"[red]error:[/] {run.error}")
     if run.params:
         console.print("params: " + json.dumps(run.params, default=str), highlight=False)
+    placement = (run.summary or {}).get("placement")
+    if placement:
+        console.print(
+            f"ran on {', '.join(placement['devices'])} in {placement['dtype']}, "
+            f"peak memory {placement['peak_memory_bytes'] / 2**20:,.0f} MiB",
+            highlight=False,
+        )
     metrics = store.metrics(run_id)
     tables = (run.summary or {}).get("tables", {})
     # `<setting>.<metric>` metrics of a setting that a summary table has a row for
@@ -1115,6 +1174,8 @@ def tasks_show(
     n: int = typer.Option(32, "--n", min=1, help="Examples to build and score."),
     examples: int = typer.Option(5, "--examples", min=0, help="Examples to print."),
     seed: int = SeedOption("Seed for building examples."),
+    device: str | None = DeviceOption(),
+    dtype: str | None = DtypeOption(),
     format: str = FormatOption(),
 ) -> None:
     """Show a task's examples and the model's accuracy on them."""
@@ -1122,7 +1183,7 @@ def tasks_show(
 
     _check_format(format, ("table", "json"))
     task = kit.registry().task(name)
-    handle = kit.load_model(model, show_progress=format != "json")
+    handle = kit.load_model(model, format != "json", device, dtype)
     report = task_report(handle, task, n, seed, examples)
     if format == "json":
         _emit_json(report)
@@ -1218,11 +1279,14 @@ def models_pull(
 @models_app.command("info")
 def models_info(
     name: str = typer.Argument(..., help="Registered model name, directory, .gguf or hub id."),
+    device: str | None = DeviceOption(),
+    dtype: str | None = DtypeOption(),
+    device_map: str | None = DeviceMapOption(),
     format: str = FormatOption(),
 ) -> None:
-    """Load a model and print its structure, size, source and load time."""
+    """Load a model and print its structure, device, dtype, size, memory and load time."""
     _check_format(format, ("table", "json"))
-    handle = kit.load_model(name, show_progress=format != "json")
+    handle = kit.load_model(name, format != "json", device, dtype, device_map)
     info = handle.info()
     if format == "json":
         _emit_json(info)
@@ -1238,6 +1302,10 @@ def models_info(
         "head_dim": "head dim",
         "max_positions": "max positions",
         "parameters": "parameters",
+        "device": "device",
+        "devices": "devices",
+        "dtype": "dtype",
+        "memory_bytes": "weights memory",
         "source": "source",
         "cache_path": "cache path",
         "revision": "revision",
@@ -1245,7 +1313,13 @@ def models_info(
     }
     for key, label in labels.items():
         value = info[key]
-        table.add_row(label, f"{value:,}" if key == "parameters" else str(value))
+        if key == "parameters":
+            value = f"{value:,}"
+        elif key == "memory_bytes":
+            value = f"{value / 2**20:,.1f} MiB"
+        elif key == "devices":
+            value = ", ".join(value)
+        table.add_row(label, str(value))
     console.print(table)
 
 

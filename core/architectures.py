@@ -141,9 +141,12 @@ class ArchitectureAdapter:
         return root.model.rotary_emb(like, positions)
 
     def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x [batch, heads, seq, head_dim] by the rotary tables."""
+        """Rotate x [batch, heads, seq, head_dim] by the rotary tables; with partial
+        rotary (Phi-3's partial_rotary_factor) only the first dims the tables cover."""
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return x * cos + _rotate_half(x) * sin
+        width = cos.shape[-1]
+        rotated, passed = x[..., :width], x[..., width:]
+        return torch.cat((rotated * cos + _rotate_half(rotated) * sin, passed), dim=-1)
 
     def normalise_queries(self, root: Any, index: int, q: torch.Tensor) -> torch.Tensor:
         """Per-head normalisation applied before rotary (Gemma 3's q_norm)."""
@@ -189,10 +192,13 @@ class ArchitectureAdapter:
 
 
 class LlamaAdapter(ArchitectureAdapter):
-    """Llama, Mistral, Qwen2 and SmolLM: `model.layers[i].self_attn.{q,k,v,o}_proj`."""
+    """Llama, Mistral, Qwen2, Qwen3 (q/k norms) and SmolLM:
+    `model.layers[i].self_attn.{q,k,v,o}_proj`."""
 
     family = "llama"
     model_types = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+    #: families whose every layer attends within `config.sliding_window`
+    every_layer_slides: ClassVar[frozenset[str]] = frozenset({"mistral", "phi3"})
 
     def layers(self, root: Any) -> Any:
         return root.model.layers
@@ -205,7 +211,7 @@ class LlamaAdapter(ArchitectureAdapter):
         layer_types = getattr(self.config, "layer_types", None)
         if window and layer_types and layer_types[index] == "sliding_attention":
             return int(window)
-        if window and getattr(self.config, "model_type", "") == "mistral":
+        if window and getattr(self.config, "model_type", "") in self.every_layer_slides:
             return int(window)
         return None
 
@@ -218,11 +224,33 @@ class LlamaAdapter(ArchitectureAdapter):
         return norm(k) if norm is not None else k
 
 
-class Gemma3Adapter(LlamaAdapter):
-    """Gemma 3 text models: q/k norms, per-layer-type rotary tables, sliding windows."""
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3: one fused `qkv_proj` (queries, then keys, then values), partial rotary."""
 
-    family = "gemma3"
-    model_types = frozenset({"gemma3_text"})
+    family = "phi3"
+    model_types = frozenset({"phi3"})
+
+    def _fused(self, root: Any, index: int, start: int, width: int) -> Projection:
+        return Projection(self.attn(root, index).qkv_proj, slice(start, start + width))
+
+    def q_proj(self, root, index):
+        return self._fused(root, index, 0, self.n_heads * self.head_dim)
+
+    def k_proj(self, root, index):
+        kv_width = self.n_kv_heads * self.head_dim
+        return self._fused(root, index, self.n_heads * self.head_dim, kv_width)
+
+    def v_proj(self, root, index):
+        kv_width = self.n_kv_heads * self.head_dim
+        return self._fused(root, index, self.n_heads * self.head_dim + kv_width, kv_width)
+
+
+class Gemma2Adapter(LlamaAdapter):
+    """Gemma 2: query_pre_attn_scalar scaling, logit soft-capping (passed to the
+    attention call), alternating sliding-window layers."""
+
+    family = "gemma2"
+    model_types = frozenset({"gemma2"})
 
     def scaling(self, index: int) -> float:
         return float(self.config.query_pre_attn_scalar) ** -0.5
@@ -231,6 +259,13 @@ class Gemma3Adapter(LlamaAdapter):
         if self.config.layer_types[index] == "sliding_attention":
             return int(self.config.sliding_window)
         return None
+
+
+class Gemma3Adapter(Gemma2Adapter):
+    """Gemma 3 text models: q/k norms, per-layer-type rotary tables, sliding windows."""
+
+    family = "gemma3"
+    model_types = frozenset({"gemma3_text"})
 
     def rotary_cos_sin(self, root, index, positions, like):
         return root.model.rotary_emb(like, positions, self.config.layer_types[index])
@@ -310,7 +345,13 @@ class GPT2Adapter(ArchitectureAdapter):
         return None
 
 
-ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (LlamaAdapter, Gemma3Adapter, GPT2Adapter)
+ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (
+    LlamaAdapter,
+    Phi3Adapter,
+    Gemma2Adapter,
+    Gemma3Adapter,
+    GPT2Adapter,
+)
 
 
 def adapter_for(config: Any) -> ArchitectureAdapter:
@@ -321,7 +362,9 @@ def adapter_for(config: Any) -> ArchitectureAdapter:
             return adapter_cls(config)
     supported = sorted(t for a in ADAPTERS for t in a.model_types)
     raise HeadscopeError(
-        f"no architecture adapter for model_type {model_type!r}; supported: {', '.join(supported)}"
+        f"no architecture adapter for model_type {model_type!r}; supported model types: "
+        f"{', '.join(supported)} (families: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, "
+        "Phi-3, GPT-2)"
     )
 
 

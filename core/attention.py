@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 
 
-def query_absolute_positions(q_len: int, k_len: int) -> torch.Tensor:
+def query_absolute_positions(
+    q_len: int, k_len: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Absolute key index of each query row: the last q_len positions of the cache."""
-    return torch.arange(k_len - q_len, k_len)
+    return torch.arange(k_len - q_len, k_len, device=device)
 
 
 def additive_mask(
@@ -24,30 +26,32 @@ def additive_mask(
     k_len: int,
     dtype: torch.dtype,
     sliding_window: int | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The call's mask as an additive float tensor [batch, 1|H, q, k] (0 or dtype min).
 
     None means plain causal attention (with a sliding window when the layer has one),
-    which is what transformers' sdpa path does when it passes no mask.
+    which is what transformers' sdpa path does when it passes no mask; that mask is
+    built on `device` (the query's), a given mask stays on its own.
     """
     minimum = torch.finfo(dtype).min
     if mask is None:
-        rows = query_absolute_positions(q_len, k_len)[:, None]
-        cols = torch.arange(k_len)[None, :]
+        rows = query_absolute_positions(q_len, k_len, device)[:, None]
+        cols = torch.arange(k_len, device=device)[None, :]
         allowed = cols <= rows
         if sliding_window is not None:
             allowed &= cols > rows - sliding_window
-        out = torch.zeros(q_len, k_len, dtype=dtype).masked_fill(~allowed, minimum)
+        out = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(~allowed, minimum)
         return out.expand(batch, 1, q_len, k_len)
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, minimum)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, minimum)
     return mask.to(dtype)
 
 
 def select_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Gather query rows per batch element: tensor [b, X, q, ...], rows [b, n] -> [b, X, n, ...]."""
     b, x = tensor.shape[:2]
-    index = rows[:, None, :].expand(b, x, rows.shape[1])
+    index = rows.to(tensor.device)[:, None, :].expand(b, x, rows.shape[1])
     extra = tensor.shape[3:]
     for _ in extra:
         index = index.unsqueeze(-1)
@@ -96,17 +100,18 @@ def mask_rows(
     Builds just the rows needed, so reading one row of a long prompt costs O(k).
     """
     minimum = torch.finfo(dtype).min
-    if mask is None:
+    if mask is None:  # built where `rows` lives
         absolute = rows + (k_len - q_len)  # [b, n]
-        cols = torch.arange(k_len)[None, None, :]
+        cols = torch.arange(k_len, device=rows.device)[None, None, :]
         allowed = cols <= absolute[:, :, None]
         if sliding_window is not None:
             allowed &= cols > absolute[:, :, None] - sliding_window
-        out = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, minimum)
-        return out[:, None]
+        out = torch.zeros(allowed.shape, dtype=dtype, device=rows.device)
+        return out.masked_fill(~allowed, minimum)[:, None]
     picked = select_rows(mask, rows)
     if picked.dtype == torch.bool:
-        return torch.zeros(picked.shape, dtype=dtype).masked_fill(~picked, minimum)
+        zeros = torch.zeros(picked.shape, dtype=dtype, device=picked.device)
+        return zeros.masked_fill(~picked, minimum)
     return picked.to(dtype)
 
 
@@ -136,6 +141,6 @@ def masked_logits(
     """Logits plus mask for chosen rows; their argmax is the attention argmax."""
     b, _, q_len, _ = query.shape
     if rows is None:
-        rows = torch.arange(q_len).expand(b, q_len)
+        rows = torch.arange(q_len, device=query.device).expand(b, q_len)
     logits = attention_logits(query, key, scaling, rows, softcap=softcap)
     return logits + mask_rows(mask, rows, q_len, key.shape[2], torch.float32, sliding_window)

@@ -61,8 +61,10 @@ def register_commands(app, kit):
     """Add CLI commands to `app`, the `headscope` Typer app (`@app.command()`).
 
     `kit` is what the CLI shares with plugin commands: `kit.registry()`,
-    `kit.store(db)`, `kit.findings(db)`, `kit.load_model(name, show_progress)`,
+    `kit.store(db)`, `kit.findings(db)`,
+    `kit.load_model(name, show_progress, device, dtype, device_map)`,
     `kit.parse_params(pairs)`, `kit.emit_json(data)`, `kit.console`, and the
-    option factories `kit.format_option()`, `kit.db_option()`, `kit.model_option()`.
+    option factories `kit.format_option()`, `kit.db_option()`, `kit.model_option()`,
+    `kit.device_option()`, `kit.dtype_option()`, `kit.device_map_option()`.
     An implementation may take `app` alone.
     """

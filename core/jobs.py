@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .analysis import Analysis, FindingsReader, RunContext
+from .devices import PeakMemory, Placement, resolve_placement
 from .errors import CancelledError, HeadscopeError, InvalidParamsError, RunAlreadyFinishedError
 from .models import ModelHandle
 from .runs import MAX_NAME_LENGTH, MAX_SEED
@@ -56,6 +57,7 @@ class PreparedRun:
     plugin: str | None
     plugin_version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    placement: Placement | None = None  # None for remote models
 
     @property
     def params_json(self) -> dict[str, Any]:
@@ -69,9 +71,13 @@ def prepare(
     params: dict | None,
     seed: int = 0,
     findings: FindingsReader | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    device_map: str | None = None,
 ) -> PreparedRun:
-    """Check the analysis, params, seed and model name, and with `findings` the
-    stored runs the params name; raises before anything is stored."""
+    """Check the analysis, params, seed, model name and placement (device, dtype,
+    device map; see `core.devices`), and with `findings` the stored runs the params
+    name; raises before anything is stored."""
     if not 0 <= seed <= MAX_SEED:
         raise InvalidParamsError(f"seed {seed} is outside 0..{MAX_SEED}")
     if len(model) > MAX_NAME_LENGTH:
@@ -83,7 +89,8 @@ def prepare(
     spec = registry.models.resolve(model)
     plugin = registry.analysis_plugins.get(analysis)
     version = registry.plugin_version(plugin)
-    prepared = PreparedRun(cls, spec.name, parsed, int(seed), plugin, version)
+    placement = None if spec.remote else resolve_placement(device, dtype, device_map)
+    prepared = PreparedRun(cls, spec.name, parsed, int(seed), plugin, version, placement=placement)
     if findings is not None:
         check_runs(prepared, findings)
     return prepared
@@ -160,11 +167,12 @@ def execute(
         )
         if store.cancel_requested(run_id):
             raise CancelledError("run cancelled")
-        finding = prepared.analysis().run(ctx, prepared.params)
+        with PeakMemory([] if handle.remote else handle.devices()) as peak:
+            finding = prepared.analysis().run(ctx, prepared.params)
         artifacts = _write_artifacts(store, run_id, finding)
-        store.finish_run(
-            run_id, finding.head_scores, finding.metrics, artifacts, finding.summary or None
-        )
+        placement = run_placement(handle, peak.bytes)
+        summary = {**finding.summary, "placement": placement}
+        store.finish_run(run_id, finding.head_scores, finding.metrics, artifacts, summary)
     except CancelledError:
         store.fail_run(run_id, "cancelled", status="cancelled", only_unfinished=True)
     except RunAlreadyFinishedError as error:  # another attempt won: leave its result
@@ -178,6 +186,19 @@ def execute(
         log.exception("run %s failed", run_id)
         store.fail_run(run_id, f"{type(error).__name__}: {error}", only_unfinished=True)
     return store.get_run(run_id)
+
+
+def run_placement(handle: ModelHandle, peak_bytes: int | None) -> dict[str, Any]:
+    """Where a run ran, for its record: device(s), dtype, device map, peak memory
+    (see `core.devices.PeakMemory`; 0 for remote models, measured on the server)."""
+    info = handle.info()
+    return {
+        "device": info["device"],
+        "devices": info["devices"],
+        "dtype": info["dtype"],
+        "device_map": info["device_map"],
+        "peak_memory_bytes": int(peak_bytes or 0),
+    }
 
 
 def _write_artifacts(store: Any, run_id: int, finding: Any) -> list[dict[str, Any]]:

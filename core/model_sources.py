@@ -8,7 +8,8 @@ Sources:
   only network this needs). Its sha256 is checked before use.
 - `LocalGGUF`: any GGUF file on disk.
 - `LocalDirectory`: any Hugging Face model directory on disk.
-- `HubRepo`: a Hugging Face hub id, for users with network.
+- `HubRepo`: a Hugging Face hub id: read from the local Hugging Face cache when it
+  is there (no network, so it works with HF_HUB_OFFLINE=1), downloaded otherwise.
 - `TinyRandom`: a tiny random model built from a config (tests).
 
 GGUF weights are dequantised once (15-20 s for the default model) and saved as
@@ -391,18 +392,38 @@ class HubRepo(ModelSource):
     def describe(self) -> str:
         return f"Hugging Face hub {self.repo_id}" + (f"@{self.revision}" if self.revision else "")
 
+    ALLOW = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
+
+    def cached(self) -> Path | None:
+        """The snapshot in the local Hugging Face cache, if one is there (no network)."""
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(
+                snapshot_download(
+                    self.repo_id,
+                    revision=self.revision,
+                    allow_patterns=list(self.ALLOW),
+                    local_files_only=True,
+                )
+            )
+        except Exception:  # not cached (or a partial download): fetch it
+            return None
+        return path if (path / "config.json").is_file() else None
+
     def is_ready(self) -> bool:
-        return False
+        return self.cached() is not None
 
     def materialise(self, progress: Progress = _no_progress) -> Materialised:
         from huggingface_hub import snapshot_download
 
+        cached = self.cached()
+        if cached is not None:
+            return Materialised(cached, cached.name)
         progress(f"download {self.repo_id}", 0, None)
         try:
             path = snapshot_download(
-                self.repo_id,
-                revision=self.revision,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+                self.repo_id, revision=self.revision, allow_patterns=list(self.ALLOW)
             )
         except Exception as error:  # network, auth and missing-repo errors alike
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"

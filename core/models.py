@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .architectures import ArchitectureAdapter, adapter_for
+from .devices import Placement, dtype_name, resolve_placement
 from .errors import ContextTooLongError, HeadscopeError, ModelUnavailableError, UnknownModelError
 from .model_sources import (
     HubRepo,
@@ -100,7 +101,9 @@ def builtin_model_specs() -> list[ModelSpec]:
         ),
         ModelSpec("gemma3-270m", gemma3, "Gemma 3 270M (Q4_K_M GGUF from PyPI parts)"),
     ]
-    for family in ("llama", "qwen2", "gemma3", "gpt2"):
+    from .tiny import TINY_FAMILIES
+
+    for family in TINY_FAMILIES:
         specs.append(
             ModelSpec(f"tiny-{family}", TinyRandom(family), f"tiny random {family} for tests")
         )
@@ -180,6 +183,7 @@ class ModelHandle:
     load_seconds: float
     cache_path: Path | None = None
     remote: bool | str = False  # False, True (NDIF) or "local" (serialisation dry run)
+    placement: Placement | None = None  # None for remote models (the server decides)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     # -- sizes (from the adapter) ----------------------------------------------------
@@ -210,10 +214,25 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the token embedding's device (the first of a sharded model)."""
+        return self.adapter.embed_tokens(self.hf_model).weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.embed_tokens(self.hf_model).weight.dtype
+
+    def devices(self) -> list[str]:
+        """Every device holding some of the weights (several when sharded)."""
+        return sorted({str(p.device) for p in self.hf_model.parameters()})
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.hf_model.parameters())
+
+    def memory_bytes(self) -> int:
+        """Bytes the weights and buffers take (computed from shapes: also for the
+        meta tensors of a remote model)."""
+        tensors = [*self.hf_model.parameters(), *self.hf_model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def heads(self) -> list[tuple[int, int]]:
         return [(layer, head) for layer in range(self.n_layers) for head in range(self.n_heads)]
@@ -244,6 +263,11 @@ class ModelHandle:
             "cache_path": str(self.cache_path) if self.cache_path else None,
             "revision": self.revision,
             "remote": self.remote,
+            "device": "remote" if self.remote else str(self.device),
+            "devices": ["remote"] if self.remote else self.devices(),
+            "dtype": dtype_name(self.dtype),
+            "device_map": self.placement.device_map if self.placement else None,
+            "memory_bytes": self.memory_bytes(),
             "load_seconds": round(self.load_seconds, 3),
         }
 
@@ -288,11 +312,13 @@ def load_spec(
     spec: ModelSpec,
     progress: Progress | None = None,
     remote: bool | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    placement: Placement | None = None,
 ) -> ModelHandle:
-    """Load a model described by `spec` into a fresh handle.
+    """Load a model described by `spec` into a fresh handle, on `placement`
+    (default: `resolve_placement()`, i.e. the environment's default or auto).
 
     `load_seconds` counts reading and wrapping the model, not importing libraries.
+    Remote models ignore the placement: the server chooses.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
@@ -300,14 +326,17 @@ def load_spec(
     started = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     source = spec.source
+    if spec.remote:
+        return _load_remote(spec, started, remote if remote is not None else True)
+    placement = placement or resolve_placement()
     if isinstance(source, TinyRandom):
         from .tiny import build_tiny_model, byte_tokenizer
 
-        hf_model, tokenizer = build_tiny_model(source.family, source.seed), byte_tokenizer()
+        hf_model = build_tiny_model(source.family, source.seed)
+        hf_model = _place(hf_model, placement)
+        tokenizer = byte_tokenizer()
         materialised = Materialised(Path("."), f"tiny-{source.family}-seed{source.seed}")
         cache_path = None
-    elif spec.remote:
-        return _load_remote(spec, started, remote if remote is not None else True)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -315,8 +344,16 @@ def load_spec(
         started += _import_model_class(materialised.directory)
         progress("load weights", 0, 1)
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(materialised.directory, dtype=dtype)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                materialised.directory, **_from_pretrained_placement(placement)
+            )
             tokenizer = _load_tokenizer(materialised.directory)
+        except torch.OutOfMemoryError:
+            raise ModelUnavailableError(
+                f"{spec.name} does not fit in {placement.device}'s memory in "
+                f"{placement.dtype}; try --dtype bfloat16, --device-map auto over several "
+                "GPUs, or a smaller model"
+            ) from None
         except Exception as error:  # damaged weights, an unknown model type, no tokenizer
             raise ModelUnavailableError(
                 f"{materialised.directory} could not be loaded: {error_line(error)}"
@@ -335,7 +372,25 @@ def load_spec(
         load_seconds=time.perf_counter() - started,
         cache_path=cache_path,
         remote=remote or False,
+        placement=placement,
     )
+
+
+def _from_pretrained_placement(placement: Placement) -> dict[str, Any]:
+    """from_pretrained's arguments for a placement: weights go straight to their
+    device (a sharded model's layers spread by accelerate's device_map="auto")."""
+    kwargs: dict[str, Any] = {"dtype": placement.torch_dtype}
+    if placement.device_map is not None:
+        kwargs["device_map"] = placement.device_map
+    elif placement.device != "cpu":
+        kwargs["device_map"] = placement.device
+    return kwargs
+
+
+def _place(hf_model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
+    """Move an in-memory model to its placement (tiny models: one device)."""
+    device = "cuda:0" if placement.device_map is not None else placement.device
+    return hf_model.to(device=device, dtype=placement.torch_dtype)
 
 
 def _load_remote(spec: ModelSpec, started: float, remote: bool | str) -> ModelHandle:
@@ -361,36 +416,59 @@ def _load_remote(spec: ModelSpec, started: float, remote: bool | str) -> ModelHa
     )
 
 
+PoolKey = tuple[str, str, str, str | None]  # name, device, dtype, device map
+
+
 class ModelPool:
-    """Loaded models kept for reuse: one handle (and one lock) per name."""
+    """Loaded models kept for reuse: one handle (and one lock) per name, device and
+    dtype, so the same model in two precisions is two handles."""
 
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
-        self._handles: dict[str, ModelHandle] = {}
+        self._handles: dict[PoolKey, ModelHandle] = {}
         self._guard = threading.Lock()
-        self._loading: dict[str, threading.Lock] = {}
+        self._loading: dict[PoolKey, threading.Lock] = {}
 
-    def get(self, name: str, progress: Progress | None = None) -> ModelHandle:
+    def key(self, name: str, placement: Placement | None = None) -> PoolKey:
         spec = self.registry.resolve(name)
+        if spec.remote:
+            return (spec.name, "remote", "remote", None)
+        return (spec.name, *(placement or resolve_placement()).key)
+
+    def get(
+        self, name: str, progress: Progress | None = None, placement: Placement | None = None
+    ) -> ModelHandle:
+        spec = self.registry.resolve(name)
+        placement = None if spec.remote else placement or resolve_placement()
+        key = self.key(name, placement)
         with self._guard:
-            if spec.name in self._handles:
-                return self._handles[spec.name]
-            loading = self._loading.setdefault(spec.name, threading.Lock())
+            if key in self._handles:
+                return self._handles[key]
+            loading = self._loading.setdefault(key, threading.Lock())
         with loading:
-            if spec.name not in self._handles:
-                handle = load_spec(spec, progress)
+            if key not in self._handles:
+                handle = load_spec(spec, progress, placement=placement)
                 with self._guard:
-                    self._handles[spec.name] = handle
-        return self._handles[spec.name]
+                    self._handles[key] = handle
+        return self._handles[key]
+
+    def is_loaded(self, name: str, placement: Placement | None = None) -> bool:
+        key = self.key(name, placement)
+        with self._guard:
+            return key in self._handles
 
     def loaded(self) -> list[ModelHandle]:
         with self._guard:
             return list(self._handles.values())
 
     def unload(self, name: str) -> bool:
+        """Drop every loaded copy of a model (all devices and dtypes)."""
         spec = self.registry.resolve(name)
         with self._guard:
-            return self._handles.pop(spec.name, None) is not None
+            keys = [key for key in self._handles if key[0] == spec.name]
+            for key in keys:
+                del self._handles[key]
+        return bool(keys)
 
 
 def builtin_models() -> ModelRegistry:
@@ -407,6 +485,7 @@ def load_model(
     progress: Progress | None = None,
     remote: bool | str | None = None,
     models: ModelRegistry | None = None,
+    placement: Placement | None = None,
 ) -> ModelHandle:
     """Load a model by name (registered name, path, or hub id) into a new handle.
 
@@ -414,4 +493,4 @@ def load_model(
     default the built-in models.
     """
     registry = models if models is not None else builtin_models()
-    return load_spec(registry.resolve(name), progress, remote=remote)
+    return load_spec(registry.resolve(name), progress, remote=remote, placement=placement)

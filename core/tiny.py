@@ -40,8 +40,29 @@ def _common() -> dict[str, Any]:
 
 
 def tiny_config(family: str) -> Any:
-    """The config of the tiny model for `family` (llama, qwen2, gemma3, gpt2)."""
-    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
+    """The config of the tiny model for `family` (see `TINY_FAMILIES`)."""
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    # Shared shape: 64 wide, 4 query heads over 2 KV heads, 512 positions; windows
+    # of 8 tokens so test prompts reach past them.
+    shape = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "initializer_range": 0.2,
+        **_common(),
+    }
 
     if family == "llama":
         return LlamaConfig(
@@ -82,6 +103,23 @@ def tiny_config(family: str) -> Any:
             initializer_range=0.2,
             **_common(),
         )
+    if family == "mistral":
+        return MistralConfig(num_hidden_layers=2, sliding_window=8, **shape)
+    if family == "qwen3":
+        return Qwen3Config(num_hidden_layers=2, head_dim=16, use_sliding_window=False, **shape)
+    if family == "gemma2":
+        return Gemma2Config(
+            num_hidden_layers=3,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=None,  # logits are read at lm_head, before any cap
+            **shape,
+        )
+    if family == "phi3":
+        return Phi3Config(num_hidden_layers=2, partial_rotary_factor=0.5, **shape)
     if family == "gpt2":
         return GPT2Config(
             n_embd=64,
@@ -97,7 +135,7 @@ def tiny_config(family: str) -> Any:
     raise ValueError(f"no tiny model for family {family!r}")
 
 
-TINY_FAMILIES = ("llama", "qwen2", "gemma3", "gpt2")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2")
 
 
 def build_tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
@@ -105,6 +143,8 @@ def build_tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdp
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(family)
+    if family == "gemma2" and attn_implementation == "sdpa":
+        attn_implementation = "eager"  # soft-capped logits have no sdpa path in transformers
     config._attn_implementation = attn_implementation
     generator_state = torch.random.get_rng_state()
     try:

@@ -102,10 +102,16 @@ class ModelWorkers:
         params: dict | None,
         seed: int = 0,
         submitted_by: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        device_map: str | None = None,
     ) -> int:
-        """Validate, record as queued (by the named token) and enqueue; returns the run id."""
+        """Validate (the placement too), record as queued (by the named token) and
+        enqueue; returns the run id."""
         findings = FindingsReader(self.store, self.registry)
-        prepared = jobs.prepare(self.registry, analysis, model, params, seed, findings)
+        prepared = jobs.prepare(
+            self.registry, analysis, model, params, seed, findings, device, dtype, device_map
+        )
         with self._lock:
             if self._closing:
                 raise ShuttingDownError("the service is shutting down; no new runs")
@@ -127,10 +133,11 @@ class ModelWorkers:
             job.stop.set()
         return status
 
-    def load(self, model_name: str) -> Any:
-        """The model's handle, loading it if needed (and then settling the heap)."""
-        fresh = all(handle.name != model_name for handle in self.pool.loaded())
-        handle = self.pool.get(model_name)
+    def load(self, model_name: str, placement: Any = None) -> Any:
+        """The model's handle on `placement` (default: the environment's or auto),
+        loading it if needed (and then settling the heap)."""
+        fresh = not self.pool.is_loaded(model_name, placement)
+        handle = self.pool.get(model_name, placement=placement)
         if fresh:
             settle_heap()
         return handle
@@ -203,7 +210,7 @@ class ModelWorkers:
             self.registry,
             job.run_id,
             job.prepared,
-            model_loader=lambda: self.load(name),
+            model_loader=lambda: self.load(name, job.prepared.placement),
             cancel_event=job.stop,
         )
         status = summary.status

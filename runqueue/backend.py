@@ -19,7 +19,7 @@ from sqlalchemy import make_url
 
 from ..core import jobs
 from ..core.analysis import FindingsReader
-from ..core.errors import HeadscopeError
+from ..core.errors import HeadscopeError, InvalidParamsError
 from ..core.workers import QueueFullError
 
 log = logging.getLogger("headscope.queue")
@@ -137,7 +137,16 @@ class QueuedRuns:
         params: dict | None,
         seed: int = 0,
         submitted_by: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        device_map: str | None = None,
     ) -> int:
+        if device or dtype or device_map:
+            raise InvalidParamsError(
+                "a queued run runs where a worker takes it: its device and dtype are the "
+                "worker's (HEADSCOPE_DEVICE, HEADSCOPE_DTYPE where `headscope worker` runs), "
+                "not the submitter's"
+            )
         findings = FindingsReader(self.store, self.registry)
         prepared = jobs.prepare(self.registry, analysis, model, params, seed, findings)
         if self.store.count_runs(status="queued") >= self.max_queued:

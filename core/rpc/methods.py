@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..compare import MAX_BANDS, compare_runs
+from ..devices import resolve_placement
 from ..errors import InvalidParamsError
 from ..models import DEFAULT_MODEL
 from ..runs import (
@@ -53,7 +54,28 @@ class ModelName(_Params):
     )
 
 
-class SubmitParams(_Params):
+class PlacementFields(_Params):
+    device: Name | None = Field(
+        None,
+        description="auto, cpu, cuda, cuda:N or mps (default: HEADSCOPE_DEVICE, else auto).",
+    )
+    dtype: Name | None = Field(
+        None,
+        description="auto, float32, bfloat16 or float16 (default: HEADSCOPE_DTYPE, else auto).",
+    )
+    device_map: Literal["auto"] | None = Field(
+        None, description="auto: shard the layers over every visible GPU."
+    )
+
+    def placement(self) -> dict[str, str | None]:
+        return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map}
+
+
+class LoadParams(ModelName, PlacementFields):
+    pass
+
+
+class SubmitParams(PlacementFields):
     analysis: Name = Field(description="Analysis name (see analyses.list).")
     model: Name = Field(DEFAULT_MODEL, description="Model name (see models.list).")
     params: dict[str, Any] = Field(
@@ -152,9 +174,10 @@ def models_list(service: Service, _: NoParams) -> list[dict[str, Any]]:
     return rows
 
 
-def models_load(service: Service, params: ModelName) -> dict[str, Any]:
-    name = service.registry.models.resolve(params.name).name
-    return service.workers.load(name).info()
+def models_load(service: Service, params: LoadParams) -> dict[str, Any]:
+    spec = service.registry.models.resolve(params.name)
+    placement = None if spec.remote else resolve_placement(**params.placement())
+    return service.workers.load(spec.name, placement).info()
 
 
 def models_unload(service: Service, params: ModelName) -> dict[str, Any]:
@@ -169,7 +192,12 @@ def runs_submit(service: Service, params: SubmitParams) -> dict[str, Any]:
     submitted_by = service.caller.name if service.caller else None
     try:
         run_id = service.workers.submit(
-            params.analysis, params.model, params.params, params.seed, submitted_by
+            params.analysis,
+            params.model,
+            params.params,
+            params.seed,
+            submitted_by,
+            **params.placement(),
         )
     except InvalidParamsError as error:  # name analysis-param fields as the request does
         fields = [
@@ -280,12 +308,13 @@ METHODS: tuple[RpcMethod, ...] = (
     ),
     RpcMethod(
         "models.load",
-        ModelName,
+        LoadParams,
         models_load,
         results.ModelInfo,
-        "Load a model (or find it loaded) and describe it.",
+        "Load a model (or find it loaded) on a device and in a precision, and describe it.",
         "Blocks until the model is in memory: seconds for cached models, longer the "
-        "first time a GGUF model is converted. Runs load their model themselves.",
+        "first time a GGUF model is converted. Runs load their model themselves. One "
+        "copy is kept per device and dtype; a device this machine lacks is invalid params.",
         errors=_MODEL,
     ),
     RpcMethod(

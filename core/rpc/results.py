@@ -64,6 +64,11 @@ class ModelInfo(BaseModel):
     cache_path: str | None
     revision: str
     remote: bool | str
+    device: str = Field(description="Where inputs go: cpu, cuda:N, mps, or remote.")
+    devices: list[str] = Field(description="Every device holding weights (several if sharded).")
+    dtype: str
+    device_map: str | None
+    memory_bytes: int = Field(description="Bytes the weights and buffers take.")
     load_seconds: float
 
 

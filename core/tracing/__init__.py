@@ -51,6 +51,8 @@ from .run import (
     generate,
     mean_head_outputs,
     newline_token_ids,
+    on_cpu,
+    on_model_device,
     stop_token_ids,
     trace_kwargs,
 )
@@ -84,6 +86,8 @@ __all__ = [
     "make_batch",
     "mean_head_outputs",
     "newline_token_ids",
+    "on_cpu",
+    "on_model_device",
     "query_rows_mask",
     "query_start_columns",
     "stop_token_ids",

@@ -84,7 +84,8 @@ class Batch:
                     )
                 cols.append(pad + (p if p >= 0 else length + p))
             out.append(cols)
-        return torch.tensor(out, dtype=torch.long)
+        # bookkeeping on the CPU; primitives move it to the device of what they index
+        return torch.tensor(out, dtype=torch.long, device="cpu")
 
     def valid(self) -> torch.Tensor:
         """[b, s] bool: True on real tokens."""

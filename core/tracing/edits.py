@@ -175,8 +175,10 @@ class RowHeadPatch(Intervention):
         ]
         if not picks:
             return
-        rows, heads, sources = (torch.tensor(column) for column in zip(*picks, strict=True))
         value = site.edit()
+        rows, heads, sources = (
+            torch.tensor(column, device=value.device) for column in zip(*picks, strict=True)
+        )
         value[rows, :, heads] = self.source[site.layer].to(value)[sources, :, heads]
 
 
@@ -209,8 +211,8 @@ class AttentionBias(Intervention):
             query_start_columns(batch, self.query_from)
 
     def _key_mask(self, call: AttentionCall) -> torch.Tensor:
-        cols = call.plan.batch.absolute(self.keys) - call.key_offset  # cache indices [b, n]
-        mask = torch.zeros(cols.shape[0], call.k_len + 1, dtype=torch.bool)
+        cols = call.plan.batch.absolute(self.keys).to(call.device) - call.key_offset  # [b, n]
+        mask = torch.zeros(cols.shape[0], call.k_len + 1, dtype=torch.bool, device=call.device)
         # keys that fell out of a sliding window land in a spare column, dropped below
         mask.scatter_(1, cols.where(cols >= 0, call.k_len), True)
         return mask[:, : call.k_len]  # [b, k]
@@ -224,7 +226,7 @@ class AttentionBias(Intervention):
             return
         n_heads = call.query.shape[1]
         where = self._row_mask(call)[:, :, None] & self._key_mask(call)[:, None, :]  # [b,q,k]
-        head_sel = torch.zeros(n_heads, dtype=torch.bool)
+        head_sel = torch.zeros(n_heads, dtype=torch.bool, device=call.device)
         head_sel[list(heads)] = True
         where = where[:, None] & head_sel[None, :, None, None]  # [b, H, q, k]
         if self.mode == "add":
@@ -233,7 +235,7 @@ class AttentionBias(Intervention):
             logits = attn_math.attention_logits(
                 call.query.detach(), call.key.detach(), call.scaling, softcap=call.softcap
             )
-            bias = torch.where(where, self.value * logits.abs(), torch.zeros(()))
+            bias = torch.where(where, self.value * logits.abs(), logits.new_zeros(()))
         call.add_bias(bias)
 
 
@@ -254,9 +256,9 @@ def query_rows_mask(call: AttentionCall, query_from: int | Sequence[int] | None)
     """[b, q] bool: the call's query rows at or after `query_from` (decode rows always)."""
     b, q_len = call.query.shape[0], call.q_len
     if call.step > 0 or query_from is None:
-        return torch.ones(b, q_len, dtype=torch.bool)
-    start = query_start_columns(call.plan.batch, query_from)  # [b]
-    return torch.arange(q_len)[None, :] >= start[:, None]
+        return torch.ones(b, q_len, dtype=torch.bool, device=call.device)
+    start = query_start_columns(call.plan.batch, query_from).to(call.device)  # [b]
+    return torch.arange(q_len, device=call.device)[None, :] >= start[:, None]
 
 
 @dataclass
@@ -303,8 +305,8 @@ class SinkCalibration(Intervention):
             return
         b, width = call.query.shape[0], call.plan.batch.width
         probs = call.probabilities(heads=heads)
-        sinks = torch.zeros(b, len(heads), call.total_len, dtype=torch.bool)
-        sinks[..., :width] = self.sinks[call.layer][:, heads].bool()
+        sinks = torch.zeros(b, len(heads), call.total_len, dtype=torch.bool, device=call.device)
+        sinks[..., :width] = self.sinks[call.layer][:, heads].bool().to(call.device)
         sinks = sinks[..., call.key_offset :]  # cache columns [b, h, k]
         mass = (probs * sinks[:, :, None]).sum(-1, keepdim=True)  # [b, h, q, 1]
         eps = 1e-6
@@ -312,6 +314,6 @@ class SinkCalibration(Intervention):
             self.beta * (1 - mass).clamp(min=eps) / (1 - self.beta * mass).clamp(min=eps)
         )
         steered = query_rows_mask(call, self.query_from)[:, None, :, None]  # [b, 1, q, 1]
-        bias = torch.zeros(b, call.query.shape[1], call.q_len, call.k_len)
+        bias = torch.zeros(b, call.query.shape[1], call.q_len, call.k_len, device=call.device)
         bias[:, heads] = torch.where(sinks[:, :, None] & steered, shift, 0.0)
         call.add_bias(bias)

@@ -39,8 +39,9 @@ class AttentionReceived(Intervention):
     def at_attention(self, call, record):
         batch = call.plan.batch
         probs = call.probabilities()  # [b, H, s, s]
-        later = torch.tril(torch.ones(call.q_len, call.k_len, dtype=torch.bool), diagonal=-1)
-        counted = later[None] & batch.valid()[:, :, None]  # [b, query, key]
+        ones = torch.ones(call.q_len, call.k_len, dtype=torch.bool, device=call.device)
+        later = torch.tril(ones, diagonal=-1)
+        counted = later[None] & batch.valid().to(call.device)[:, :, None]  # [b, query, key]
         total = (probs * counted[:, None]).sum(2)  # [b, H, k]
         record[(self.name, call.layer)] = total / counted.sum(1)[:, None].clamp(min=1)
 
@@ -159,9 +160,10 @@ class AttentionPatternScores(AttentionRows):
     def at_attention(self, call, record):
         batch = call.plan.batch
         probs = call.probabilities()  # [b, H, s, s]
-        real = batch.valid()
+        real = batch.valid().to(call.device)
         for name, pattern in self.patterns.items():
-            counted = real if self.row_masks is None else self.row_masks[name] & real
-            mass = (probs * pattern[:, None].to(probs.dtype)).sum(-1)  # [b, H, s]
-            mass = (mass * counted[:, None].to(probs.dtype)).sum(-1)
+            rows = self.row_masks[name].to(call.device) if self.row_masks is not None else None
+            counted = real if rows is None else rows & real
+            mass = (probs * pattern[:, None].to(probs)).sum(-1)  # [b, H, s]
+            mass = (mass * counted[:, None].to(probs)).sum(-1)
             record[(name, call.layer)] = mass / counted.sum(-1, keepdim=True).clamp(min=1)

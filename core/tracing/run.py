@@ -37,6 +37,28 @@ def trace_kwargs(handle: ModelHandle) -> dict[str, Any]:
     return {"remote": handle.remote} if handle.remote else {}
 
 
+def on_model_device(handle: ModelHandle, inputs: dict[str, torch.Tensor]) -> dict:
+    """Inputs moved to the embedding's device (a sharded model moves activations
+    between its layers itself); remote inputs stay where they are for the server."""
+    if handle.remote:
+        return inputs
+    device = handle.device
+    return {name: value.to(device) for name, value in inputs.items()}
+
+
+def on_cpu(value: Any) -> Any:
+    """Saved values brought back to the CPU, where analyses combine them."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(on_cpu(item) for item in value)
+    if isinstance(value, list):
+        return [on_cpu(item) for item in value]
+    return value
+
+
 def forward(
     handle: ModelHandle,
     batch: Batch,
@@ -48,7 +70,7 @@ def forward(
     `logits_at=None` skips reading logits (the model still computes the last one).
     """
     plan = Plan(handle, batch, items)
-    inputs = batch.model_inputs()
+    inputs = on_model_device(handle, batch.model_inputs())
     last_only = logits_at is not None and list(logits_at) == [-1]
     if logits_at is None or last_only:
         inputs["logits_to_keep"] = 1
@@ -57,6 +79,7 @@ def forward(
         saved = _trace_forward(
             handle.model, inputs, plan, logits_at is not None, cols, trace_kwargs(handle)
         )
+    saved = on_cpu(list(saved))
     records = saved[0]
     return ForwardResult(saved[1] if logits_at is not None else None, records)
 
@@ -147,13 +170,14 @@ def generate(
         pad_token_id=pad_id if pad_id is not None else (stops[0] if stops else 0),
     )
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    inputs = on_model_device(handle, inputs)
     with handle.lock, warnings.catch_warnings():
         # A bounded step loop ends with a warning when every row stops early.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         saved = _trace_generate(
             handle.model, inputs, config, plan, max_new_tokens, trace_kwargs(handle)
         )
-    return _collect_generation(saved, batch.size, set(stops))
+    return _collect_generation(on_cpu(list(saved)), batch.size, set(stops))
 
 
 def _trace_generate(root, inputs, config, plan, max_new_tokens, trace_kwargs) -> list:

@@ -72,13 +72,19 @@ class AttentionCall:
     def softcap(self) -> float | None:
         return self.kwargs.get("softcap")
 
+    @property
+    def device(self) -> torch.device:
+        """The device of this layer's attention (layers differ when a model is sharded)."""
+        return self.query.device
+
     def rows_for(self, positions: Sequence[int] | None) -> torch.Tensor:
         """Query rows [b, n] of this call for prompt positions (prefill) or the new token."""
+        b = self.query.shape[0]
         if self.step > 0 or positions is None:
             if self.q_len != 1 and positions is None:
-                return torch.arange(self.q_len).expand(self.query.shape[0], self.q_len)
-            return torch.full((self.query.shape[0], 1), self.q_len - 1, dtype=torch.long)
-        return self.plan.batch.absolute(positions)
+                return torch.arange(self.q_len, device=self.device).expand(b, self.q_len)
+            return torch.full((b, 1), self.q_len - 1, dtype=torch.long, device=self.device)
+        return self.plan.batch.absolute(positions).to(self.device)
 
     def mask_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Additive mask (with any bias added so far) for query rows [b, n]: [b, 1|H, n, k]."""
@@ -97,7 +103,9 @@ class AttentionCall:
         """Attention weights [b, H|len(heads), n, k] of query rows [b, n] (default: all),
         recomputed from q and k under the mask and any bias added so far."""
         if rows is None:
-            rows = torch.arange(self.q_len).expand(self.query.shape[0], self.q_len)
+            rows = torch.arange(self.q_len, device=self.device).expand(
+                self.query.shape[0], self.q_len
+            )
         logits = attn_math.attention_logits(
             self.query.detach(), self.key.detach(), self.scaling, rows, heads, self.softcap
         )
@@ -108,6 +116,7 @@ class AttentionCall:
 
     def add_bias(self, bias: torch.Tensor) -> None:
         """Add [b, H, q, k] (or broadcastable) to the pre-softmax logits."""
+        bias = bias.to(self.device)
         self._bias = bias if self._bias is None else self._bias + bias
         self.mask_changed = True
 
@@ -116,7 +125,13 @@ class AttentionCall:
         if self._bias is not None:
             dtype = self.query.dtype
             base = attn_math.additive_mask(
-                self.mask, self.query.shape[0], self.q_len, self.k_len, dtype, self.sliding_window
+                self.mask,
+                self.query.shape[0],
+                self.q_len,
+                self.k_len,
+                dtype,
+                self.sliding_window,
+                self.device,
             )
             combined = (base + self._bias.to(dtype)).contiguous()
             if len(self.args) > 4:
@@ -141,9 +156,10 @@ class HeadOutputSite:
         """Padded columns [b, n] for prompt positions at prefill; None = all columns."""
         if positions is None:
             return None
+        device = self.value.device
         if self.step > 0:
-            return torch.zeros((self.value.shape[0], 1), dtype=torch.long)
-        return self.plan.batch.absolute(positions)
+            return torch.zeros((self.value.shape[0], 1), dtype=torch.long, device=device)
+        return self.plan.batch.absolute(positions).to(device)
 
     def edit(self) -> torch.Tensor:
         """Switch to a private copy before the first in-place edit."""

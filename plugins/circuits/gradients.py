@@ -19,7 +19,7 @@ import torch
 from headscope.core.errors import HeadscopeError
 from headscope.core.metrics import TokenMetric
 from headscope.core.models import ModelHandle, import_nnsight
-from headscope.core.tracing import Batch, trace_kwargs
+from headscope.core.tracing import Batch, on_cpu, on_model_device, trace_kwargs
 
 
 @dataclass
@@ -42,13 +42,13 @@ def head_output_gradients(
     if metric.size != batch.size:
         raise HeadscopeError(f"metric has {metric.size} rows, the batch {batch.size}")
     layers = list(range(handle.n_layers)) if layers is None else sorted(set(layers))
-    inputs = batch.model_inputs()
+    inputs = on_model_device(handle, batch.model_inputs())
     inputs["logits_to_keep"] = 1
     with handle.lock, torch.enable_grad():
         saved = _trace_gradients(
             handle.model, inputs, handle.adapter, layers, metric, trace_kwargs(handle)
         )
-    values, acts, grads = saved
+    values, acts, grads = on_cpu(list(saved))
     shape = (batch.size, batch.width, handle.n_heads, handle.head_dim)
     return HeadGradients(
         metric=values,

@@ -82,6 +82,8 @@ def add_steer_command(app: typer.Typer, kit: Any) -> None:
             [], "--param", "-p", help="A steering setting key=value (see above); repeatable."
         ),
         model: str = kit.model_option(),
+        device: str | None = kit.device_option(),
+        dtype: str | None = kit.dtype_option(),
         format: str = kit.format_option(),
         db: str | None = kit.db_option(),
     ) -> None:
@@ -99,7 +101,7 @@ def add_steer_command(app: typer.Typer, kit: Any) -> None:
         settings = kit.parse_params(param)
         request = SteeringRequest.parse({**settings, "prompt": prompt, "spans": spans})
         findings = kit.findings(db) if request.from_run is not None else None
-        handle = kit.load_model(model, show_progress=format != "json")
+        handle = kit.load_model(model, format != "json", device, dtype)
         result = steer(handle, request, findings)
         if format == "json":
             kit.emit_json(result.as_dict())

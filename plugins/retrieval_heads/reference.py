@@ -28,7 +28,7 @@ def reference_argmax(
     model, test: NeedleTest, max_new_tokens: int, stop_ids: list[int], pad_id: int
 ):
     """Greedy tokens and per-step attention argmax [steps, layers, heads]."""
-    input_ids = torch.tensor([test.prompt_ids])
+    input_ids = torch.tensor([test.prompt_ids], device=model.device)
     with torch.no_grad():
         out = model.generate(
             input_ids,
@@ -48,7 +48,7 @@ def reference_argmax(
             break
     steps = []
     for step in range(len(generated)):
-        layers = [attention[0, :, -1].argmax(-1) for attention in out.attentions[step]]
+        layers = [attention[0, :, -1].argmax(-1).cpu() for attention in out.attentions[step]]
         steps.append(torch.stack(layers))
     return generated, torch.stack(steps)
 

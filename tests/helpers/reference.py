@@ -15,9 +15,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from headscope.core.tiny import build_tiny_model
+from headscope.core.tiny import TINY_FAMILIES, build_tiny_model
 
-FAMILIES = ("llama", "qwen2", "gemma3", "gpt2")
+FAMILIES = TINY_FAMILIES
 
 
 def eager_model(family: str, implementation: str = "eager") -> torch.nn.Module:
@@ -33,6 +33,8 @@ def out_proj(model: torch.nn.Module, family: str, layer: int) -> torch.nn.Module
 def q_proj(model: torch.nn.Module, family: str, layer: int) -> torch.nn.Module:
     if family == "gpt2":
         return model.transformer.h[layer].attn.c_attn  # q is the first third
+    if family == "phi3":
+        return model.model.layers[layer].self_attn.qkv_proj  # q comes first
     return model.model.layers[layer].self_attn.q_proj
 
 
@@ -112,6 +114,9 @@ def _biased_eager(module, query, key, value, attention_mask, scaling, dropout=0.
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:  # Gemma 2 caps the logits before the mask
+        weights = torch.tanh(weights / softcap) * softcap
     spec = BIAS_SPEC.get(module.layer_idx)
     if spec is not None:
         bias = torch.zeros_like(weights)

@@ -1,0 +1,109 @@
+"""Every built-in analysis end to end through nnsight's remote="local" path.
+
+remote="local" serialises each trace as a request to NDIF would be and runs it
+from the deserialised copy, so an analysis that passes here can run on a
+`remote:` model. Each runs on a tiny model with small params, once locally and
+once through that path, and must store the same findings.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from headscope.core import jobs
+from headscope.core.plugins import build_registry
+from headscope.storage.store import Store
+
+from helpers.models import tiny_handle
+
+# Byte-level tiny models: answers are single characters; corruptions keep the length.
+ROWS = [
+    ("the cat sat on the mat and the cat", " ", "x", "the dog sat on the mat and the dog"),
+    ("abc abc abc ab", "c", "d", "abd abe abf ab"),
+    ("one two one two one tw", "o", "e", "one tqo ont twe oni tw"),
+    ("red blue red blue red blu", "e", "a", "red blue rod blue rud blu"),
+]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    path = tmp_path_factory.mktemp("task") / "task.jsonl"
+    lines = [
+        json.dumps({"prompt": p, "answer": a, "distractor": d, "corrupted": c})
+        for p, a, d, c in ROWS
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return f"jsonl:{path}"
+
+
+def small_params(analysis: str, task: str) -> dict:
+    return {
+        "head-detector": {"n_random": 2, "random_length": 16, "prompts": ["a b a b c a b"]},
+        "retrieval-heads": {
+            "lengths": [300],
+            "depths": [50],
+            "mask_top_k": [2],
+            "mask_lengths": [300],
+            "random_draws": 1,
+            "max_new_tokens": 4,
+        },
+        "head-patching": {"task": task},
+        "sae-circuit": {
+            "task": task,
+            "steps": 10,
+            "seeds": 1,
+            "train_prompts": 2,
+            "reference_top_k": 3,
+        },
+        "context-heads": {"n_examples": 6, "batch_size": 6, "max_new_tokens": 2},
+        "attention-modulation": {
+            "n_examples": 6,
+            "batch_size": 6,
+            "max_new_tokens": 2,
+            "random_draws": 1,
+            "top_k": 2,
+            "min_layer": 1,
+        },
+    }[analysis]
+
+
+BUILT_IN = (
+    "head-detector",
+    "retrieval-heads",
+    "head-patching",
+    "sae-circuit",
+    "context-heads",
+    "attention-modulation",
+)
+
+
+def run_once(store, registry, handle, analysis: str, params: dict) -> dict:
+    prepared = jobs.prepare(registry, analysis, handle.name, params, seed=3)
+    jobs.check_against_model(prepared, handle, registry)
+    run_id = jobs.record(store, prepared)
+    summary = jobs.execute(store, registry, run_id, prepared, model_loader=lambda: handle)
+    assert summary.status == "succeeded", summary.error
+    return {
+        (row["layer"], row["head"], row["metric"]): row["value"]
+        for row in store.head_scores(run_id)
+    }
+
+
+@pytest.mark.parametrize("analysis", BUILT_IN)
+def test_analysis_runs_through_remote_serialisation(analysis, task, tmp_path):
+    registry = build_registry()
+    assert set(BUILT_IN) <= set(registry.analyses)
+    store = Store(str(tmp_path / "remote.db"))
+    handle = tiny_handle("llama")
+    params = small_params(analysis, task)
+    local = run_once(store, registry, handle, analysis, params)
+    handle.remote = "local"
+    try:
+        remote = run_once(store, registry, handle, analysis, params)
+    finally:
+        handle.remote = False
+    assert local and local.keys() == remote.keys()
+    for key, value in local.items():
+        assert remote[key] == pytest.approx(value, abs=1e-4), key
