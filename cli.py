@@ -326,6 +326,12 @@ def run_command(
         None, "--plot", help="Also write the primary-metric heatmap here (.png, .pdf or .svg)."
     ),
     db: str | None = DbOption(),
+    max_memory: str | None = typer.Option(
+        None,
+        "--max-memory",
+        help="Memory the run's batches may use (e.g. 8GB, 512MiB); default: half of what "
+        "the device has free. A batch that still runs out of memory is halved.",
+    ),
 ) -> None:
     """Run an analysis on a model and store its findings."""
     from .core import jobs
@@ -337,7 +343,7 @@ def run_command(
     params = kit.parse_params(param, params_file)
     if plot is not None:
         output_file(plot, "plot file", PLOT_SUFFIXES)
-    prepared = jobs.prepare(registry, analysis, model, params, seed)
+    prepared = jobs.prepare(registry, analysis, model, params, seed, max_memory=max_memory)
     store = kit.store(db)  # params are valid: only now may a database be made
     jobs.check_runs(prepared, FindingsReader(store, registry))
     show = format != "json"

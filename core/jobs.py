@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .analysis import Analysis, FindingsReader, RunContext
+from .budget import MemoryBudget
 from .errors import CancelledError, HeadscopeError, InvalidParamsError
 from .models import ModelHandle
 from .runs import MAX_NAME_LENGTH, MAX_SEED
@@ -56,6 +57,7 @@ class PreparedRun:
     plugin: str | None
     plugin_version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    max_memory: int | None = None  # bytes for batches; None: a share of free memory
 
     @property
     def params_json(self) -> dict[str, Any]:
@@ -69,9 +71,11 @@ def prepare(
     params: dict | None,
     seed: int = 0,
     findings: FindingsReader | None = None,
+    max_memory: str | int | None = None,
 ) -> PreparedRun:
-    """Check the analysis, params, seed and model name, and with `findings` the
-    stored runs the params name; raises before anything is stored."""
+    """Check the analysis, params, seed, model name and memory budget, and with
+    `findings` the stored runs the params name; raises before anything is stored."""
+    budget = MemoryBudget.parse(max_memory)
     if not 0 <= seed <= MAX_SEED:
         raise InvalidParamsError(f"seed {seed} is outside 0..{MAX_SEED}")
     if len(model) > MAX_NAME_LENGTH:
@@ -84,6 +88,7 @@ def prepare(
     plugin = registry.analysis_plugins.get(analysis)
     version = registry.plugin_version(plugin)
     prepared = PreparedRun(cls, spec.name, parsed, int(seed), plugin, version)
+    prepared.max_memory = budget.max_bytes
     if findings is not None:
         check_runs(prepared, findings)
     return prepared
@@ -156,6 +161,7 @@ def execute(
             registry=registry,
             run_id=run_id,
             workdir=store.artifacts_dir(run_id),
+            max_memory=prepared.max_memory,
         )
         if store.cancel_requested(run_id):
             raise CancelledError("run cancelled")

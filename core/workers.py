@@ -95,10 +95,19 @@ class ModelWorkers:
         self._closing = False
 
     # -- requests ------------------------------------------------------------------------
-    def submit(self, analysis: str, model: str, params: dict | None, seed: int = 0) -> int:
+    def submit(
+        self,
+        analysis: str,
+        model: str,
+        params: dict | None,
+        seed: int = 0,
+        max_memory: str | int | None = None,
+    ) -> int:
         """Validate, record as queued and enqueue; returns the run id."""
         findings = FindingsReader(self.store, self.registry)
-        prepared = jobs.prepare(self.registry, analysis, model, params, seed, findings)
+        prepared = jobs.prepare(
+            self.registry, analysis, model, params, seed, findings, max_memory=max_memory
+        )
         with self._lock:
             if self._closing:
                 raise ShuttingDownError("the service is shutting down; no new runs")

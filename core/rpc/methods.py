@@ -59,6 +59,11 @@ class SubmitParams(_Params):
         description="The analysis's params (schema: analyses.describe); defaults fill the rest.",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for every random choice.")
+    max_memory: int | str | None = Field(
+        None,
+        description="Memory the run's batches may use: bytes or a size such as '8GB'; "
+        "default: half of what the device has free.",
+    )
 
 
 class RunId(_Params):
@@ -165,7 +170,9 @@ def models_unload(service: Service, params: ModelName) -> dict[str, Any]:
 
 def runs_submit(service: Service, params: SubmitParams) -> dict[str, Any]:
     try:
-        run_id = service.workers.submit(params.analysis, params.model, params.params, params.seed)
+        run_id = service.workers.submit(
+            params.analysis, params.model, params.params, params.seed, params.max_memory
+        )
     except InvalidParamsError as error:  # name analysis-param fields as the request does
         fields = [
             {**item, "field": "params" + (f".{item['field']}" if item.get("field") else "")}
