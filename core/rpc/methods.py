@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..budget import parse_memory
 from ..compare import MAX_BANDS, compare_runs
 from ..errors import InvalidParamsError
 from ..models import DEFAULT_MODEL
@@ -64,6 +65,16 @@ class SubmitParams(_Params):
         description="Memory the run's batches may use: bytes or a size such as '8GB'; "
         "default: half of what the device has free.",
     )
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory(cls, value: int | str | None) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse_memory(value)
+        except InvalidParamsError as error:
+            raise ValueError(str(error)) from None
 
 
 class RunId(_Params):
