@@ -176,17 +176,23 @@ def _run_analysis(handle, params: dict, max_memory: int | None):
 def part_c(handle, params: dict) -> dict:
     batched_s, batched = _run_analysis(handle, params, None)
     single_s, single = _run_analysis(handle, params, 1)
-    same_scores = all(
-        torch.equal(batched.head_scores[m], single.head_scores[m]) for m in batched.head_scores
-    )
+    same_scores = sorted(batched.head_scores) == sorted(single.head_scores)
     same_metrics = batched.metrics == single.metrics
+    heads = [
+        {(layer, head) for layer, head, metric, value in f.head_scores
+         if metric == "retrieval_score" and value > 0.1}
+        for f in (batched, single)
+    ]  # fmt: skip
+    jaccard = len(heads[0] & heads[1]) / max(1, len(heads[0] | heads[1]))
     print(
         f"(c) retrieval-heads run {params or '(defaults)'}: batched {batched_s:.1f}s, one at a "
         f"time {single_s:.1f}s -> {single_s / batched_s:.2f}x (target >= 2x); same head "
-        f"scores {same_scores}, same metrics {same_metrics}",
+        f"scores {same_scores}, same metrics {same_metrics}; retrieval heads (> 0.1) "
+        f"{len(heads[0])} vs {len(heads[1])}, Jaccard {jaccard:.3f} (target >= 0.9)",
         flush=True,
     )
-    return {"batched_s": batched_s, "single_s": single_s, "same": same_scores and same_metrics}
+    return {"batched_s": batched_s, "single_s": single_s, "same": same_scores and same_metrics,
+            "jaccard": jaccard}  # fmt: skip
 
 
 def _mean_scores(handle, tests, max_new_tokens):
