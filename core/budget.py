@@ -30,6 +30,9 @@ FREE_MEMORY_SHARE = 0.5
 #: at most this many prompts per batch, whatever the budget (padding and per-row
 #: bookkeeping grow with the batch, speed stops growing well before this)
 MAX_BATCH = 64
+#: a prompt joins a batch only if padding it to the batch's longest prompt adds at
+#: most this share of that width (padded tokens cost as much compute as real ones)
+MAX_PADDING = 0.1
 
 _UNITS = {
     "": 1,
@@ -159,8 +162,9 @@ def run_batched(
 
     `tokens(item)` is the item's length in tokens including what will be generated;
     `run_batch(group)` returns one result per item of the group. Longest items come
-    first (an out-of-memory error shows at once). On out-of-memory the batch size is
-    halved and the same items are tried again; the smaller size is kept for the rest.
+    first (an out-of-memory error shows at once), and a batch holds items of similar
+    length (`MAX_PADDING`). On out-of-memory the batch size is halved and the same
+    items are tried again; the smaller size is kept for the rest.
     `progress(done, total)` is called after each batch.
     """
     budget = budget or MemoryBudget()
@@ -171,6 +175,9 @@ def run_batched(
     while done < len(order):
         width = tokens(items[order[done]])
         size = min(cap, budget.batch_size(handle, width, cap), len(order) - done)
+        shortest = width * (1 - MAX_PADDING)
+        while size > 1 and tokens(items[order[done + size - 1]]) < shortest:
+            size -= 1
         group = order[done : done + size]
         try:
             out = run_batch([items[i] for i in group])

@@ -64,6 +64,7 @@ def test_batches_follow_the_budget_and_results_keep_the_item_order():
     out = run_batched(handle, items, run, tokens=lambda n: n, budget=budget)
     assert out == [f"r{item}" for item in items]
     assert seen[0] == [50, 50]  # longest first, two per batch at 50 tokens
+    assert [40] in seen  # 30 tokens would pad by a quarter: not in 40's batch
     assert sorted(n for group in seen for n in group) == sorted(items)
     assert all(len(group) * row_bytes(handle, max(group)) <= budget.max_bytes for group in seen)
 
