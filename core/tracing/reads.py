@@ -181,8 +181,8 @@ class AttentionPatternScores(AttentionRows):
                 keys = (
                     pattern[:, None, None] if pattern.dim() == 2 else pattern[:, None, start:stop]
                 )
-                mass = (probs * keys.to(probs.dtype)).sum(-1)  # [b, H, n]
-                weight = counted[name][:, None, start:stop].to(probs.dtype)
-                totals[name] += (mass * weight).sum(-1)
+                mass = (probs * keys.to(probs)).sum(-1)  # [b, H, n]
+                weight = counted[name][:, None, start:stop].to(probs)
+                totals[name] += (mass * weight).sum(-1).cpu()
         for name, total in totals.items():
             record[(name, call.layer)] = total / counted[name].sum(-1, keepdim=True).clamp(min=1)
