@@ -21,10 +21,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from headscope.core.analysis import Analysis, Finding, RunContext, top_heads
+from headscope.core.budget import run_batched
 from headscope.core.errors import ContextTooLongError, InvalidParamsError
 from headscope.core.hookspecs import hookimpl
 from headscope.core.plots import head_heatmap
-from headscope.core.budget import run_batched
 from headscope.core.tracing import AttentionPatternScores, Batch, forward, make_batch
 
 NATURAL_PROMPTS = [
