@@ -375,6 +375,12 @@ def run_command(
     dtype: str | None = DtypeOption(),
     device_map: str | None = DeviceMapOption(),
     db: str | None = DbOption(),
+    max_memory: str | None = typer.Option(
+        None,
+        "--max-memory",
+        help="Memory the run's batches may use (e.g. 8GB, 512MiB); default: half of what "
+        "the device has free. A batch that still runs out of memory is halved.",
+    ),
 ) -> None:
     """Run an analysis on a model and store its findings (with the device, dtype and
     peak memory it used)."""
@@ -388,7 +394,15 @@ def run_command(
     if plot is not None:
         output_file(plot, "plot file", PLOT_SUFFIXES)
     prepared = jobs.prepare(
-        registry, analysis, model, params, seed, device=device, dtype=dtype, device_map=device_map
+        registry,
+        analysis,
+        model,
+        params,
+        seed,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
     )
     store = kit.store(db)  # params are valid: only now may a database be made
     jobs.check_runs(prepared, FindingsReader(store, registry))

@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
+from .budget import MemoryBudget
 from .errors import (
     CancelledError,
     InvalidParamsError,
@@ -180,6 +181,7 @@ class RunContext:
         registry: Any = None,
         run_id: int | None = None,
         workdir: Path | None = None,
+        max_memory: int | None = None,
     ):
         self._model_loader = model_loader
         self._model: ModelHandle | None = None
@@ -191,6 +193,8 @@ class RunContext:
         self.registry = registry
         self.run_id = run_id
         self.workdir = workdir
+        #: how many prompts go into one pass (`core.budget.run_batched`)
+        self.budget = MemoryBudget(max_memory)
 
     @property
     def model(self) -> ModelHandle:

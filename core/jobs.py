@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .analysis import Analysis, FindingsReader, RunContext
+from .budget import MemoryBudget
 from .devices import PeakMemory, Placement, resolve_placement
 from .errors import CancelledError, HeadscopeError, InvalidParamsError, RunAlreadyFinishedError
 from .models import ModelHandle
@@ -58,6 +59,7 @@ class PreparedRun:
     plugin_version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     placement: Placement | None = None  # None for remote models
+    max_memory: int | None = None  # bytes for batches; None: a share of free memory
 
     @property
     def params_json(self) -> dict[str, Any]:
@@ -74,10 +76,12 @@ def prepare(
     device: str | None = None,
     dtype: str | None = None,
     device_map: str | None = None,
+    max_memory: str | int | None = None,
 ) -> PreparedRun:
-    """Check the analysis, params, seed, model name and placement (device, dtype,
-    device map; see `core.devices`), and with `findings` the stored runs the params
-    name; raises before anything is stored."""
+    """Check the analysis, params, seed, model name, placement (device, dtype,
+    device map; see `core.devices`) and memory budget, and with `findings` the
+    stored runs the params name; raises before anything is stored."""
+    budget = MemoryBudget.parse(max_memory)
     if not 0 <= seed <= MAX_SEED:
         raise InvalidParamsError(f"seed {seed} is outside 0..{MAX_SEED}")
     if len(model) > MAX_NAME_LENGTH:
@@ -91,6 +95,7 @@ def prepare(
     version = registry.plugin_version(plugin)
     placement = None if spec.remote else resolve_placement(device, dtype, device_map)
     prepared = PreparedRun(cls, spec.name, parsed, int(seed), plugin, version, placement=placement)
+    prepared.max_memory = budget.max_bytes
     if findings is not None:
         check_runs(prepared, findings)
     return prepared
@@ -164,6 +169,7 @@ def execute(
             registry=registry,
             run_id=run_id,
             workdir=store.artifacts_dir(run_id),
+            max_memory=prepared.max_memory,
         )
         if store.cancel_requested(run_id):
             raise CancelledError("run cancelled")

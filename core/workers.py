@@ -105,12 +105,22 @@ class ModelWorkers:
         device: str | None = None,
         dtype: str | None = None,
         device_map: str | None = None,
+        max_memory: str | int | None = None,
     ) -> int:
-        """Validate (the placement too), record as queued (by the named token) and
-        enqueue; returns the run id."""
+        """Validate (the placement and memory budget too), record as queued (by the
+        named token) and enqueue; returns the run id."""
         findings = FindingsReader(self.store, self.registry)
         prepared = jobs.prepare(
-            self.registry, analysis, model, params, seed, findings, device, dtype, device_map
+            self.registry,
+            analysis,
+            model,
+            params,
+            seed,
+            findings,
+            device,
+            dtype,
+            device_map,
+            max_memory,
         )
         with self._lock:
             if self._closing:

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from headscope.core.analysis import Analysis, Finding, RunContext, top_heads
+from headscope.core.budget import run_batched
 from headscope.core.errors import ContextTooLongError, InvalidParamsError
 from headscope.core.hookspecs import hookimpl
 from headscope.core.plots import head_heatmap
@@ -51,7 +52,9 @@ class HeadDetectorParams(BaseModel):
     random_length: int = Field(64, ge=2, le=4096, description="Tokens in each random block.")
     repeats: int = Field(4, ge=2, le=16, description="Copies of each random block.")
     prompts: list[str] | None = Field(None, description="Natural prompts (default: built-in).")
-    batch_size: int = Field(4, ge=1, le=256)
+    batch_size: int = Field(
+        4, ge=1, le=256, description="Prompts per pass at most (fewer when memory is short)."
+    )
 
 
 def duplicate_pattern(tokens: torch.Tensor) -> torch.Tensor:
@@ -106,28 +109,44 @@ class HeadDetector(Analysis):
 
         random_rows = self._random_sequences(ctx, handle, params)
         prompts = [p for p in (params.prompts or NATURAL_PROMPTS) if p.strip()]
-        jobs = [
-            ("random", random_rows[i : i + params.batch_size])
-            for i in range(0, len(random_rows), params.batch_size)
-        ]
-        jobs += [
-            ("natural", prompts[i : i + params.batch_size])
-            for i in range(0, len(prompts), params.batch_size)
-        ]
         prefix = len(_prefix_ids(handle))
-        for done, (kind, chunk) in enumerate(jobs):
-            ctx.progress(done, len(jobs), f"{kind} batch {done + 1}/{len(jobs)}")
+
+        def scores_of(kind: str, chunk: list) -> list[dict[str, torch.Tensor]]:
+            """Each prompt's pattern scores, {metric: [L, H]}, from one forward pass."""
             batch = make_batch(handle, chunk)
             patterns, row_masks = self._patterns(kind, batch, prefix)
             capture = AttentionPatternScores(
                 layers, patterns=patterns, row_masks=row_masks, name=kind
             )
             result = forward(handle, batch, [capture], logits_at=None)
-            for metric in patterns:
-                scores = torch.stack([result.get(metric, layer) for layer in layers])  # [L, b, H]
-                totals[metric] += scores.sum(1)
-                counts[metric] += batch.size
-        ctx.progress(len(jobs), len(jobs), "done")
+            per_row = {
+                metric: torch.stack([result.get(metric, layer) for layer in layers], 1)
+                for metric in patterns
+            }  # [b, L, H]
+            return [{m: v[row] for m, v in per_row.items()} for row in range(batch.size)]
+
+        total = len(random_rows) + len(prompts)
+        for kind, items, offset in (
+            ("random", random_rows, 0),
+            ("natural", [handle.encode(p) for p in prompts], len(random_rows)),
+        ):
+            ctx.progress(offset, total, f"{kind} prompts")
+            results = run_batched(
+                handle,
+                items,
+                lambda chunk, kind=kind: scores_of(kind, chunk),
+                tokens=len,
+                budget=ctx.budget,
+                max_batch=params.batch_size,
+                progress=lambda done, _, kind=kind, offset=offset: ctx.progress(
+                    offset + done, total, f"{kind} prompts"
+                ),
+            )
+            for scores in results:
+                for metric, value in scores.items():
+                    totals[metric] += value
+                    counts[metric] += 1
+        ctx.progress(total, total, "done")
 
         finding = Finding()
         for metric in METRICS:

@@ -140,12 +140,13 @@ class QueuedRuns:
         device: str | None = None,
         dtype: str | None = None,
         device_map: str | None = None,
+        max_memory: str | int | None = None,
     ) -> int:
-        if device or dtype or device_map:
+        if device or dtype or device_map or max_memory:
             raise InvalidParamsError(
-                "a queued run runs where a worker takes it: its device and dtype are the "
-                "worker's (HEADSCOPE_DEVICE, HEADSCOPE_DTYPE where `headscope worker` runs), "
-                "not the submitter's"
+                "a queued run runs where a worker takes it: its device, dtype and memory "
+                "budget are the worker's (HEADSCOPE_DEVICE and HEADSCOPE_DTYPE where "
+                "`headscope worker` runs), not the submitter's"
             )
         findings = FindingsReader(self.store, self.registry)
         prepared = jobs.prepare(self.registry, analysis, model, params, seed, findings)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..budget import parse_memory
 from ..compare import MAX_BANDS, compare_runs
 from ..devices import resolve_placement
 from ..errors import InvalidParamsError
@@ -83,6 +84,21 @@ class SubmitParams(PlacementFields):
         description="The analysis's params (schema: analyses.describe); defaults fill the rest.",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for every random choice.")
+    max_memory: int | str | None = Field(
+        None,
+        description="Memory the run's batches may use: bytes or a size such as '8GB'; "
+        "default: half of what the device has free.",
+    )
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory(cls, value: int | str | None) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse_memory(value)
+        except InvalidParamsError as error:
+            raise ValueError(str(error)) from None
 
 
 class RunId(_Params):
@@ -197,6 +213,7 @@ def runs_submit(service: Service, params: SubmitParams) -> dict[str, Any]:
             params.params,
             params.seed,
             submitted_by,
+            max_memory=params.max_memory,
             **params.placement(),
         )
     except InvalidParamsError as error:  # name analysis-param fields as the request does

@@ -19,20 +19,41 @@ from .sites import AttentionCall, Intervention
 @dataclass
 class UniformAttention(Intervention):
     """Zero the query of chosen heads: equal logits, i.e. uniform attention over the
-    positions the mask allows. This is the head masking of the retrieval-head paper."""
+    positions the mask allows. This is the head masking of the retrieval-head paper.
 
-    heads: HeadMap
+    `heads` is one head map for every row, or one per row of the batch (masking
+    different heads in different rows of one pass; an empty map leaves a row alone).
+    """
+
+    heads: HeadMap | Sequence[HeadMap]
+
+    def _per_row(self) -> list[HeadMap] | None:
+        return None if isinstance(self.heads, Mapping) else list(self.heads)
 
     def attention_layers(self):
-        return set(self.heads)
+        rows = self._per_row()
+        return set(self.heads) if rows is None else {layer for row in rows for layer in row}
 
     def validate(self, handle, batch):
-        check_heads(handle, self.heads)
+        rows = self._per_row()
+        if rows is not None and len(rows) != batch.size:
+            raise InvalidParamsError(
+                f"uniform attention gives {len(rows)} head maps for a batch of {batch.size}"
+            )
+        for heads in [self.heads] if rows is None else rows:
+            check_heads(handle, heads)
 
     def at_attention(self, call, record):
-        heads = self.heads.get(call.layer)
-        if heads:
-            call.query[:, list(heads)] = 0
+        rows = self._per_row()
+        if rows is None:
+            heads = self.heads.get(call.layer)
+            if heads:
+                call.query[:, list(heads)] = 0
+            return
+        for row, heads in enumerate(rows):
+            chosen = heads.get(call.layer)
+            if chosen:
+                call.query[row, list(chosen)] = 0
 
 
 @dataclass

@@ -130,17 +130,23 @@ class AttentionRows(Intervention):
         record[(self.name, call.layer)] = out
 
 
+#: float32 attention-row elements computed at once by pattern scores (64 MiB): rows
+#: are done in chunks of this size, so memory grows linearly with the context
+ROW_CHUNK_ELEMENTS = 1 << 24
+
+
 @dataclass
 class AttentionPatternScores(AttentionRows):
     """Per-head attention mass on pattern positions, averaged over query rows.
 
-    `patterns` maps a score name to a bool tensor [b, s, s] over padded columns
-    (query row, key column); `row_masks` (same names, [b, s]) says which query rows
-    count, by default every real token. Records `(name, layer)` -> [b, H]:
-    sum over counted rows of the row's attention on pattern keys, divided by the
-    number of counted rows. With every row counted this is TransformerLens's
-    head-detector "mul" score. Prefill only; rows come from q and k like
-    `AttentionRows`, one layer at a time.
+    `patterns` maps a score name to a bool tensor over padded columns: [b, s, s]
+    (query row, key column), or [b, s] for the same key columns in every row;
+    `row_masks` (same names, [b, s]) says which query rows count, by default every
+    real token. Records `(name, layer)` -> [b, H]: sum over counted rows of the
+    row's attention on pattern keys, divided by the number of counted rows. With
+    every row counted this is TransformerLens's head-detector "mul" score. Prefill
+    only; rows come from q and k like `AttentionRows`, a chunk of rows at a time
+    (never the full map), in float32.
     """
 
     patterns: Mapping[str, torch.Tensor] = field(default_factory=dict)
@@ -151,19 +157,33 @@ class AttentionPatternScores(AttentionRows):
     def validate(self, handle, batch):
         super().validate(handle, batch)
         for name, pattern in self.patterns.items():
-            if tuple(pattern.shape) != (batch.size, batch.width, batch.width):
+            shapes = [(batch.size, batch.width, batch.width), (batch.size, batch.width)]
+            if tuple(pattern.shape) not in shapes:
                 raise InvalidParamsError(
                     f"pattern {name!r} has shape {tuple(pattern.shape)}, expected "
-                    f"{(batch.size, batch.width, batch.width)}"
+                    f"{shapes[0]} or {shapes[1]}"
                 )
 
     def at_attention(self, call, record):
         batch = call.plan.batch
-        probs = call.probabilities()  # [b, H, s, s]
-        real = batch.valid().to(call.device)
-        for name, pattern in self.patterns.items():
-            rows = self.row_masks[name].to(call.device) if self.row_masks is not None else None
-            counted = real if rows is None else rows & real
-            mass = (probs * pattern[:, None].to(probs)).sum(-1)  # [b, H, s]
-            mass = (mass * counted[:, None].to(probs)).sum(-1)
-            record[(name, call.layer)] = mass / counted.sum(-1, keepdim=True).clamp(min=1)
+        real = batch.valid()
+        counted = {
+            name: real if self.row_masks is None else self.row_masks[name] & real
+            for name in self.patterns
+        }
+        b, n_heads = call.query.shape[:2]
+        totals = {name: torch.zeros(b, n_heads) for name in self.patterns}
+        chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, b * n_heads * call.k_len))
+        for start in range(0, call.q_len, chunk):
+            stop = min(call.q_len, start + chunk)
+            rows = torch.arange(start, stop).expand(b, stop - start)
+            probs = call.probabilities(rows)  # [b, H, n, k] float32
+            for name, pattern in self.patterns.items():
+                keys = (
+                    pattern[:, None, None] if pattern.dim() == 2 else pattern[:, None, start:stop]
+                )
+                mass = (probs * keys.to(probs)).sum(-1)  # [b, H, n]
+                weight = counted[name][:, None, start:stop].to(probs)
+                totals[name] += (mass * weight).sum(-1).cpu()
+        for name, total in totals.items():
+            record[(name, call.layer)] = total / counted[name].sum(-1, keepdim=True).clamp(min=1)

@@ -32,7 +32,9 @@ class DatasetParams(BaseModel):
     calibration_fraction: float = Field(
         0.5, gt=0, lt=1, description="Share of examples (by fact) used to score heads."
     )
-    batch_size: int = Field(8, ge=1, le=256)
+    batch_size: int = Field(
+        8, ge=1, le=256, description="Prompts per pass at most (fewer when memory is short)."
+    )
 
 
 class ContextHeadsParams(DatasetParams):
@@ -66,7 +68,12 @@ class ContextHeads(Analysis):
         calibration, held_out = calibration_split(params, ctx.seed)
         marked = [e.marked(handle) for e in calibration]
         scores = context_sensitivity(
-            handle, marked, params.max_new_tokens, params.batch_size, progress=ctx.progress
+            handle,
+            marked,
+            params.max_new_tokens,
+            params.batch_size,
+            progress=ctx.progress,
+            budget=ctx.budget,
         )
         finding = Finding()
         for metric in METRICS:

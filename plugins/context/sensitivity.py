@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from headscope.core import tracing as T
+from headscope.core.budget import MemoryBudget, run_batched
 from headscope.core.models import ModelHandle
 from headscope.core.spans import MarkedPrompt
 
@@ -30,13 +31,16 @@ METRICS = ("context_mass", "answer_context_mass", "lookback_ratio")
 
 
 def _prefill_patterns(batch: T.Batch, marked: Sequence[MarkedPrompt]):
-    """Key pattern (context columns for rows after the context) and row masks."""
-    keys = torch.zeros(batch.size, batch.width, batch.width, dtype=torch.bool)
+    """Context key columns [b, s] and the query rows after the context [b, s].
+
+    Key columns rather than a [b, s, s] pattern keep memory linear in the length.
+    """
+    keys = torch.zeros(batch.size, batch.width, dtype=torch.bool)
     after = torch.zeros(batch.size, batch.width, dtype=torch.bool)
     for row, (m, pad) in enumerate(zip(marked, batch.pads, strict=True)):
         start = pad + min(m.end, len(m) - 1)
         cols = torch.tensor(m.positions) + pad
-        keys[row, start:, cols] = True
+        keys[row, cols] = True
         after[row, start:] = True
     return keys, after
 
@@ -75,42 +79,65 @@ def context_sensitivity(
     max_new_tokens: int = 8,
     batch_size: int = 8,
     progress: Callable[[int, int, str], None] | None = None,
+    budget: MemoryBudget | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The three scores, each [layers, heads], averaged over prompts."""
-    layers = list(range(handle.n_layers))
-    totals = {m: torch.zeros(handle.n_layers, handle.n_heads) for m in METRICS}
-    lookback_prompts = 0
-    chunks = [marked[i : i + batch_size] for i in range(0, len(marked), batch_size)]
-    for done, chunk in enumerate(chunks):
+    """The three scores, each [layers, heads], averaged over prompts.
+
+    Prompts run in batches of at most `batch_size` that fit the memory `budget`.
+    """
+
+    def report(done: int, total: int) -> None:
         if progress is not None:
-            progress(done, len(chunks), f"batch {done + 1}/{len(chunks)}")
-        batch = T.make_batch(handle, [list(m.ids) for m in chunk])
-        keys, after = _prefill_patterns(batch, chunk)
-        last = torch.zeros_like(after)
-        last[:, -1] = True
-        capture = T.AttentionPatternScores(
-            layers,
-            patterns={"context_mass": keys, "answer_context_mass": keys},
-            row_masks={"context_mass": after, "answer_context_mass": last},
-        )
-        rows = T.AttentionRows(layers, [-1], output="probs")
-        result = generate_marked(
-            handle, chunk, None, max_new_tokens, stop_at_newline=True, items=[capture, rows]
-        )
-        for metric in ("context_mass", "answer_context_mass"):
-            per_prompt = torch.stack([result.steps[0][(metric, layer)] for layer in layers])
-            totals[metric] += per_prompt.sum(1)  # [L, H]
-        generated = [len(tokens) for tokens in result.tokens]
-        sums, counts = lookback_ratios(result.steps, layers, batch, chunk, generated)
-        has = counts > 0
-        if has.any():
-            totals["lookback_ratio"] += (sums[has] / counts[has, None, None]).sum(0)
-            lookback_prompts += int(has.sum())
-    if progress is not None:
-        progress(len(chunks), len(chunks), "done")
-    scores = {
-        "context_mass": totals["context_mass"] / len(marked),
-        "answer_context_mass": totals["answer_context_mass"] / len(marked),
-        "lookback_ratio": totals["lookback_ratio"] / max(lookback_prompts, 1),
+            progress(done, total, f"{done}/{total} prompts")
+
+    per_prompt = run_batched(
+        handle,
+        list(marked),
+        lambda chunk: _prompt_scores(handle, chunk, max_new_tokens),
+        tokens=lambda m: len(m.ids) + max_new_tokens,
+        budget=budget,
+        max_batch=batch_size,
+        progress=report,
+    )
+    lookbacks = [p["lookback_ratio"] for p in per_prompt if p["lookback_ratio"] is not None]
+    zero = torch.zeros(handle.n_layers, handle.n_heads)
+    return {
+        "context_mass": torch.stack([p["context_mass"] for p in per_prompt]).mean(0),
+        "answer_context_mass": torch.stack([p["answer_context_mass"] for p in per_prompt]).mean(0),
+        "lookback_ratio": torch.stack(lookbacks).mean(0) if lookbacks else zero,
     }
-    return scores
+
+
+def _prompt_scores(
+    handle: ModelHandle, chunk: Sequence[MarkedPrompt], max_new_tokens: int
+) -> list[dict[str, torch.Tensor | None]]:
+    """Each prompt's three [layers, heads] scores from one traced generation
+    (`lookback_ratio` None when the prompt generated no token to look back from)."""
+    layers = list(range(handle.n_layers))
+    batch = T.make_batch(handle, [list(m.ids) for m in chunk])
+    keys, after = _prefill_patterns(batch, chunk)
+    last = torch.zeros_like(after)
+    last[:, -1] = True
+    capture = T.AttentionPatternScores(
+        layers,
+        patterns={"context_mass": keys, "answer_context_mass": keys},
+        row_masks={"context_mass": after, "answer_context_mass": last},
+    )
+    rows = T.AttentionRows(layers, [-1], output="probs")
+    result = generate_marked(
+        handle, chunk, None, max_new_tokens, stop_at_newline=True, items=[capture, rows]
+    )
+    prefill = {
+        metric: torch.stack([result.steps[0][(metric, layer)] for layer in layers], 1)
+        for metric in ("context_mass", "answer_context_mass")
+    }  # [b, L, H]
+    generated = [len(tokens) for tokens in result.tokens]
+    sums, counts = lookback_ratios(result.steps, layers, batch, chunk, generated)
+    return [
+        {
+            "context_mass": prefill["context_mass"][row],
+            "answer_context_mass": prefill["answer_context_mass"][row],
+            "lookback_ratio": sums[row] / counts[row] if counts[row] > 0 else None,
+        }
+        for row in range(batch.size)
+    ]

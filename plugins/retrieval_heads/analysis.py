@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from headscope.core.analysis import Analysis, Finding, RunContext
+from headscope.core.budget import MemoryBudget, run_batched
 from headscope.core.errors import ContextTooLongError, InvalidParamsError
 from headscope.core.plots import head_heatmap, line_plot
 from headscope.core.runs import MAX_INT
@@ -264,25 +265,20 @@ class RetrievalHeads(Analysis):
             ]
         ks = [k for k in params.mask_top_k if k > 0]
         scoring = params.scores_from is None
-        total = (len(tests) if scoring else 0) + len(mask_tests) * (
-            (0 if scoring else 1) + len(ks) * (1 + params.random_draws)
-        )
+        scored_ids = {id(t) for t in tests} if scoring else set()
+        baselines = sum(id(t) not in scored_ids for t in mask_tests) if ks else 0
+        total = len(scored_ids) + baselines + len(mask_tests) * len(ks) * (1 + params.random_draws)
         done = 0
-
-        def step(message: str) -> None:
-            nonlocal done
-            ctx.progress(done, total, message)
-            done += 1
 
         finding = Finding()
         n_layers, n_heads = handle.n_layers, handle.n_heads
         outcomes: dict[int, NeedleOutcome] = {}
         if scoring:
-            for test in tests:
-                step(
-                    f"scoring: {test.length} tokens, depth {test.depth:g}%, needle {test.needle_index}"
-                )
-                outcomes[id(test)] = self._score_test(handle, test, params.max_new_tokens, stops)
+            scored = self._score_tests(
+                handle, tests, params.max_new_tokens, stops, ctx.budget, done, total, ctx.progress
+            )
+            done += len(tests)
+            outcomes.update((id(t), o) for t, o in zip(tests, scored, strict=True))
             scores = self._aggregate(finding, [outcomes[id(t)] for t in tests], handle, params)
         else:
             table = ctx.findings.head_scores(params.scores_from, "retrieval_score")
@@ -299,7 +295,7 @@ class RetrievalHeads(Analysis):
 
         if ks:
             self._masking(
-                ctx, finding, handle, scores, mask_tests, outcomes, ks, params, stops, step
+                ctx, finding, handle, scores, mask_tests, outcomes, ks, params, stops, done, total
             )
         ctx.progress(total, total, "done")
         finding.add_json(
@@ -311,28 +307,56 @@ class RetrievalHeads(Analysis):
 
     # -- scoring -------------------------------------------------------------------------
     @staticmethod
-    def _generate(handle, test: NeedleTest, max_new_tokens: int, stops: list[int], items=()):
-        batch = make_batch(handle, [test.prompt_ids])
-        return generate(handle, batch, max_new_tokens, list(items), stop_ids=stops)
+    def _generate(handle, tests: list[NeedleTest], max_new_tokens: int, stops, items=()):
+        """One greedy generation over a left-padded batch of tests."""
+        batch = make_batch(handle, [test.prompt_ids for test in tests])
+        return batch, generate(handle, batch, max_new_tokens, list(items), stop_ids=stops)
 
-    def _score_test(
-        self, handle, test: NeedleTest, max_new_tokens: int, stops: list[int]
-    ) -> NeedleOutcome:
-        rows = AttentionRows(list(range(handle.n_layers)), positions=[-1], output="argmax")
-        result = self._generate(handle, test, max_new_tokens, stops, [rows])
-        generated = result.tokens[0]
-        argmax = torch.stack(
-            [
-                torch.stack(
-                    [result.steps[t][("rows", layer)][0, :, 0] for layer in range(handle.n_layers)]
-                )
-                for t in range(len(generated))
-            ]
+    def _score_tests(
+        self, handle, tests, max_new_tokens, stops, budget: MemoryBudget, done, total, progress
+    ) -> list[NeedleOutcome]:
+        """Score every test, as many per pass as the memory budget allows."""
+
+        def report(finished: int, _: int) -> None:
+            progress(done + finished, total, f"scoring: {finished}/{len(tests)} tests")
+
+        progress(done, total, f"scoring {len(tests)} tests")
+        return run_batched(
+            handle,
+            tests,
+            lambda group: self._score_batch(handle, group, max_new_tokens, stops),
+            tokens=lambda test: len(test.prompt_ids) + max_new_tokens,
+            budget=budget,
+            progress=report,
         )
-        response = handle.decode(generated).strip()
-        rouge = rouge1_recall(test.needle.answer, response)
-        scores = copy_paste_scores(argmax, generated, test.prompt_ids, test.answer_span)
-        return NeedleOutcome(test, response, rouge, scores, generated)
+
+    def _score_test(self, handle, test, max_new_tokens, stops) -> NeedleOutcome:
+        return self._score_batch(handle, [test], max_new_tokens, stops)[0]
+
+    def _score_batch(self, handle, tests, max_new_tokens, stops) -> list[NeedleOutcome]:
+        layers = list(range(handle.n_layers))
+        rows = AttentionRows(layers, positions=[-1], output="argmax")
+        batch, result = self._generate(handle, tests, max_new_tokens, stops, [rows])
+        outcomes = []
+        for row, (test, pad) in enumerate(zip(tests, batch.pads, strict=True)):
+            generated = result.tokens[row]
+            # padded columns -> positions in this test's own prompt
+            argmax = (
+                torch.stack(
+                    [
+                        torch.stack(
+                            [result.steps[t][("rows", layer)][row, :, 0] for layer in layers]
+                        )
+                        for t in range(len(generated))
+                    ]
+                )
+                - pad
+            )
+            response = handle.decode(generated).strip()
+            rouge = rouge1_recall(test.needle.answer, response)
+            scores = copy_paste_scores(argmax, generated, test.prompt_ids, test.answer_span)
+            outcomes.append(NeedleOutcome(test, response, rouge, scores, generated))
+        return outcomes
 
     def _aggregate(
         self, finding: Finding, outcomes: list[NeedleOutcome], handle, params
@@ -375,7 +399,7 @@ class RetrievalHeads(Analysis):
 
     # -- causal check ----------------------------------------------------------------------
     def _masking(
-        self, ctx, finding, handle, scores, tests, outcomes, ks, params, stops, step
+        self, ctx, finding, handle, scores, tests, outcomes, ks, params, stops, done, total
     ) -> None:
         ranked = top_heads(scores, len(scores.flatten()))
         non_retrieval = non_retrieval_heads(scores, params.threshold)
@@ -384,16 +408,43 @@ class RetrievalHeads(Analysis):
             raise InvalidParamsError(
                 f"mask_top_k {too_big} exceeds the {len(non_retrieval)} non-retrieval heads to draw random sets from"
             )
-        baseline = []
+        # Every generation of the check, test by test: the unmasked baseline where
+        # scoring did not run it, then each K's top-K and random-K variants. A test's
+        # variants share its prompt, so they batch together as rows with per-row masks.
+        draws_log = []
+        variants: dict[int, list[tuple[int, str, dict]]] = {id(t): [] for t in tests}
         for test in tests:
             if id(test) not in outcomes:
-                step(f"baseline: {test.length} tokens, depth {test.depth:g}%")
-                result = self._generate(handle, test, params.max_new_tokens, stops)
-                response = handle.decode(result.tokens[0]).strip()
-                outcomes[id(test)] = NeedleOutcome(
-                    test, response, rouge1_recall(test.needle.answer, response)
-                )
-            baseline.append(outcomes[id(test)].rouge)
+                variants[id(test)].append((0, "baseline", {}))
+        for k in ks:
+            for test in tests:
+                variants[id(test)].append((k, "top", head_map(ranked[:k])))
+                for _ in range(params.random_draws):
+                    drawn = draw_random_heads(ctx.rng, non_retrieval, k)
+                    draws_log.append({"k": k, "heads": drawn})
+                    variants[id(test)].append((k, "random", head_map(drawn)))
+        jobs = [(test, *variant) for test in tests for variant in variants[id(test)]]
+
+        def report(finished: int, _: int) -> None:
+            ctx.progress(done + finished, total, f"masking: {finished}/{len(jobs)} generations")
+
+        ctx.progress(done, total, f"masking check: {len(jobs)} generations")
+        responses = run_batched(
+            handle,
+            jobs,
+            lambda group: self._masked_batch(handle, group, params.max_new_tokens, stops),
+            tokens=lambda job: len(job[0].prompt_ids) + params.max_new_tokens,
+            budget=ctx.budget,
+            progress=report,
+        )
+        accuracy: dict[tuple[int, str], list[float]] = {}
+        for (test, k, kind, _), response in zip(jobs, responses, strict=True):
+            rouge = rouge1_recall(test.needle.answer, response)
+            if kind == "baseline":
+                outcomes[id(test)] = NeedleOutcome(test, response, rouge)
+            else:
+                accuracy.setdefault((k, kind), []).append(rouge)
+        baseline = [outcomes[id(test)].rouge for test in tests]
         rows = [
             {
                 "k": 0,
@@ -401,29 +452,12 @@ class RetrievalHeads(Analysis):
                 "random_k_accuracy": float(np.mean(baseline)),
             }
         ]
-        draws_log = []
         for k in ks:
-            top = head_map(ranked[:k])
-            top_acc, random_acc = [], []
-            for test in tests:
-                step(f"masking top {k}: {test.length} tokens, depth {test.depth:g}%")
-                top_acc.append(
-                    self._masked_accuracy(handle, test, top, params.max_new_tokens, stops)
-                )
-                for _ in range(params.random_draws):
-                    step(f"masking {k} random heads: {test.length} tokens, depth {test.depth:g}%")
-                    drawn = draw_random_heads(ctx.rng, non_retrieval, k)
-                    draws_log.append({"k": k, "heads": drawn})
-                    random_acc.append(
-                        self._masked_accuracy(
-                            handle, test, head_map(drawn), params.max_new_tokens, stops
-                        )
-                    )
             rows.append(
                 {
                     "k": k,
-                    "top_k_accuracy": float(np.mean(top_acc)),
-                    "random_k_accuracy": float(np.mean(random_acc)),
+                    "top_k_accuracy": float(np.mean(accuracy[(k, "top")])),
+                    "random_k_accuracy": float(np.mean(accuracy[(k, "random")])),
                 }
             )
         for row in rows:
@@ -458,6 +492,10 @@ class RetrievalHeads(Analysis):
             "masking.png", figure, "needle accuracy with top-K vs random-K heads masked"
         )
 
-    def _masked_accuracy(self, handle, test, heads, max_new_tokens, stops) -> float:
-        result = self._generate(handle, test, max_new_tokens, stops, [UniformAttention(heads)])
-        return rouge1_recall(test.needle.answer, handle.decode(result.tokens[0]).strip())
+    def _masked_batch(self, handle, jobs, max_new_tokens, stops) -> list[str]:
+        """Responses of (test, K, kind, heads) generations, each row with its own mask."""
+        tests = [job[0] for job in jobs]
+        masks = [job[3] for job in jobs]
+        items = [UniformAttention(masks)] if any(masks) else []
+        _, result = self._generate(handle, tests, max_new_tokens, stops, items)
+        return [handle.decode(tokens).strip() for tokens in result.tokens]

@@ -10,6 +10,7 @@ from headscope.core.analysis import RunContext
 from headscope.core.tracing import AttentionPatternScores, forward, make_batch
 from headscope.plugins.head_detector import HeadDetector, HeadDetectorParams
 
+from helpers.cli import run_cli
 from helpers.models import tiny_handle
 from helpers.reference import eager_model
 
@@ -101,3 +102,17 @@ def test_pattern_scores_ignore_padding():
             ).get("first", 0)[0]
         )
     torch.testing.assert_close(result.get("first", 0), torch.stack(alone), atol=1e-6, rtol=0)
+
+
+def test_scores_do_not_depend_on_the_memory_budget(capsys, tmp_path):
+    def scores(*extra):
+        args = ["run", "head-detector", "-m", "tiny-llama", "-p", "n_random=3"]
+        result = run_cli(capsys, *args, "-p", "random_length=6", *extra, "-f", "json",
+                         "--db", str(tmp_path / "h.db"))  # fmt: skip
+        assert result.code == 0, result.err
+        rows = result.json()["head_scores"]
+        return {(r["layer"], r["head"], r["metric"]): r["value"] for r in rows}
+
+    batched, alone = scores(), scores("--max-memory", "1")
+    assert batched.keys() == alone.keys()
+    assert all(abs(batched[key] - alone[key]) < 1e-5 for key in batched)

@@ -89,6 +89,8 @@ def test_numbers_and_names_out_of_range_are_invalid_params(rejecting):
         ("findings.query", {"run_id": huge}, "run_id"),
         ("runs.compare", {"run_a": 1, "run_b": huge}, "run_b"),
         ("runs.submit", {"analysis": "head-detector", "seed": -1}, "seed"),
+        ("runs.submit", {"analysis": "head-detector", "max_memory": "lots"}, "max_memory"),
+        ("runs.submit", {"analysis": "head-detector", "max_memory": 0}, "max_memory"),
         ("runs.submit", {"analysis": "head-detector", "model": "m" * 900_000}, "model"),
         ("models.load", {"name": "m" * 900_000}, "name"),
         ("runs.list", {"model": "m" * 201}, "model"),
@@ -97,6 +99,23 @@ def test_numbers_and_names_out_of_range_are_invalid_params(rejecting):
         error = error_of(rejecting, method, **params)
         assert error.code == -32602, (method, error)
         assert field in [item["field"] for item in error.data["errors"]], (method, error.data)
+
+
+def test_a_memory_budget_is_a_run_option(server):
+    client = server.client()
+    try:
+        run_id = client.call(
+            "runs.submit",
+            analysis="retrieval-heads",
+            model="tiny-llama",
+            params={"lengths": [250], "depths": [50], "mask_top_k": [], "max_new_tokens": 4},
+            max_memory="1KB",  # too small for two prompts: one at a time
+        )["run_id"]
+        document = client.wait_for(run_id, ("succeeded", "failed"))
+        assert document["run"]["status"] == "succeeded", document["run"]["error"]
+        assert document["metrics"]["tests_run"] == 4
+    finally:
+        client.close()
 
 
 def test_analysis_params_are_strict(rejecting):
