@@ -166,17 +166,18 @@ class AttentionPatternScores(AttentionRows):
 
     def at_attention(self, call, record):
         batch = call.plan.batch
-        real = batch.valid()
+        device = call.device  # never the default device: layers may live anywhere
+        real = batch.valid().to(device)
         counted = {
-            name: real if self.row_masks is None else self.row_masks[name] & real
+            name: real if self.row_masks is None else self.row_masks[name].to(device) & real
             for name in self.patterns
         }
         b, n_heads = call.query.shape[:2]
-        totals = {name: torch.zeros(b, n_heads) for name in self.patterns}
+        totals = {name: torch.zeros(b, n_heads, device=device) for name in self.patterns}
         chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, b * n_heads * call.k_len))
         for start in range(0, call.q_len, chunk):
             stop = min(call.q_len, start + chunk)
-            rows = torch.arange(start, stop).expand(b, stop - start)
+            rows = torch.arange(start, stop, device=device).expand(b, stop - start)
             probs = call.probabilities(rows)  # [b, H, n, k] float32
             for name, pattern in self.patterns.items():
                 keys = (
@@ -184,6 +185,6 @@ class AttentionPatternScores(AttentionRows):
                 )
                 mass = (probs * keys.to(probs)).sum(-1)  # [b, H, n]
                 weight = counted[name][:, None, start:stop].to(probs)
-                totals[name] += (mass * weight).sum(-1).cpu()
+                totals[name] += (mass * weight).sum(-1)
         for name, total in totals.items():
             record[(name, call.layer)] = total / counted[name].sum(-1, keepdim=True).clamp(min=1)
