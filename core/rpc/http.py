@@ -4,10 +4,11 @@ Built on the standard library's ThreadingHTTPServer: a thread per connection sui
 a synchronous dispatcher whose methods are short (runs go to the model workers),
 HTTP/1.1 keep-alive serves repeated calls on one connection, and it adds no
 dependency. What a service needs on top is here: bearer tokens (required when the
-address is not loopback; checked by one `auth.Authenticate` callable), a request size limit checked
-before the body is read, socket timeouts for slow clients, TCP_NODELAY (small
-responses are not held back by Nagle's algorithm), and a shutdown that stops
-accepting, lets requests in flight finish, then stops the workers.
+address is not loopback; checked by one `auth.Authenticate` callable, which other
+transports can share), a request size limit checked before the body is read,
+socket timeouts for slow clients, TCP_NODELAY (small responses are not held back
+by Nagle's algorithm), and a shutdown that stops accepting, lets requests in
+flight finish, then stops the workers.
 
 HTTP status: 200 for any JSON-RPC response (errors included), 204 when the message
 was only notifications, 401 / 411 / 413 / 503 / 404 / 405 for transport problems (with a
