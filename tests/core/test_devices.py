@@ -177,3 +177,15 @@ def test_cli_refuses_an_unavailable_device_before_storing(capsys, tmp_path):
     assert not db.exists()
     info = run_cli(capsys, "models", "info", "tiny-gpt2", "--dtype", "float16", "-f", "json")
     assert info.json()["dtype"] == "float16" and info.json()["memory_bytes"] > 0
+
+
+def test_from_pretrained_gets_the_placement():
+    from headscope.core.models import _from_pretrained_placement
+
+    assert _from_pretrained_placement(Placement("cpu", "float32")) == {"dtype": torch.float32}
+    assert _from_pretrained_placement(Placement("cuda:1", "float16")) == {
+        "dtype": torch.float16,
+        "device_map": "cuda:1",
+    }
+    sharded = _from_pretrained_placement(Placement("cuda:0", "bfloat16", "auto"))
+    assert sharded == {"dtype": torch.bfloat16, "device_map": "auto"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from headscope.core.devices import Placement
 from headscope.core.errors import ModelUnavailableError
 from headscope.core.model_sources import HubRepo
 from headscope.core.models import load_model
@@ -34,6 +35,8 @@ def test_hub_id_loads_from_the_local_cache_offline(hub_cache):
     handle = load_model("example/tiny-llama")
     assert handle.cache_path == hub_cache and handle.revision == COMMIT
     assert handle.adapter.family == "llama" and handle.n_layers == 3
+    half = load_model("example/tiny-llama", placement=Placement("cpu", "bfloat16"))
+    assert half.info()["dtype"] == "bfloat16"
 
 
 def test_uncached_hub_id_offline_is_a_clear_error(hub_cache):
