@@ -32,6 +32,47 @@ def select_heads(
     raise InvalidParamsError(f"unknown head selection rule {rule!r} (top or threshold)")
 
 
+def layer_matched_heads(
+    selected: Iterable[Head], n_heads: int, rng: Any, layers: Iterable[int] | None = None
+) -> set[Head]:
+    """A random control for `selected`: in every layer, as many heads as the
+    selection has there, drawn (numpy Generator `rng`) from that layer's other heads,
+    so depth matches and no selected head is ever drawn. Where a layer has too few
+    other heads, the shortfall comes from the nearest layers of `layers` (default:
+    the selection's layers) that still have free heads; with no free head left at
+    all it is an error. `layer_histogram` tells whether the match was exact."""
+    chosen = set(selected)
+    wanted = layer_histogram(chosen)
+    allowed = sorted(set(layers) if layers is not None else set(wanted))
+    free = {layer: [h for h in range(n_heads) if (layer, h) not in chosen] for layer in allowed}
+    control: set[Head] = set()
+    for layer in sorted(wanted):
+        short = wanted[layer]
+        # this layer first, then the others by distance (the lower first on a tie)
+        for source in sorted(free, key=lambda other: (abs(other - layer), other)):
+            take = min(short, len(free[source]))
+            picks = sorted(rng.choice(len(free[source]), size=take, replace=False).tolist())
+            control |= {(source, free[source][i]) for i in picks}
+            free[source] = [h for i, h in enumerate(free[source]) if i not in set(picks)]
+            short -= take
+            if short == 0:
+                break
+        if short:
+            raise InvalidParamsError(
+                f"{len(chosen)} selected heads leave too few other heads in layers "
+                f"{allowed[0]}..{allowed[-1]} for a random control of the same size"
+            )
+    return control
+
+
+def layer_histogram(heads: Iterable[Head]) -> dict[int, int]:
+    """How many of `heads` each layer has."""
+    counts: dict[int, int] = {}
+    for layer, _ in heads:
+        counts[layer] = counts.get(layer, 0) + 1
+    return counts
+
+
 def overlap(a: set[Head], b: set[Head]) -> dict[str, Any]:
     """Jaccard |A∩B|/|A∪B| and overlap coefficient |A∩B|/min(|A|,|B|)."""
     both, either = a & b, a | b
