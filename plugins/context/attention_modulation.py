@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from headscope.core import compare, stats
 from headscope.core.analysis import Analysis, Finding, RunContext
-from headscope.core.errors import param_error
+from headscope.core.errors import InvalidParamsError, param_error
 from headscope.core.runs import MAX_INT
 from headscope.core.tracing import HeadMap, check_heads, head_map
 from headscope.plugins.context.faithfulness import Evaluation, evaluate, perplexity
@@ -177,12 +177,19 @@ class AttentionModulation(Analysis):
             settings.append(self._modulation(params, layer_heads(handle, layers), "all_heads"))
             if params.selection != "all":  # all heads leave none to draw
                 chosen = [(layer, h) for layer, hs in heads.items() for h in hs]
-                for draw in range(params.random_draws):
-                    control = compare.layer_matched_heads(chosen, handle.n_heads, ctx.rng, layers)
-                    label = (
-                        "random_heads" if params.random_draws == 1 else f"random_heads_{draw + 1}"
-                    )
-                    settings.append(self._modulation(params, head_map(sorted(control)), label))
+                try:
+                    for draw in range(params.random_draws):
+                        control = compare.layer_matched_heads(
+                            chosen, handle.n_heads, ctx.rng, layers
+                        )
+                        label = (
+                            "random_heads"
+                            if params.random_draws == 1
+                            else f"random_heads_{draw + 1}"
+                        )
+                        settings.append(self._modulation(params, head_map(sorted(control)), label))
+                except InvalidParamsError as error:  # too many heads selected to match
+                    finding.summary["notes"] = [f"no random-heads control: {error}"]
         for setting in settings[1:]:
             setting.validate(handle)
 
