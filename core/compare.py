@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import stats
 from .errors import InvalidParamsError
 
 Head = tuple[int, int]
@@ -109,6 +110,15 @@ def compare_head_sets(a: set[Head], b: set[Head], n_layers: int, bands: int = 3)
     return result
 
 
+def score_correlation(a: Mapping[Head, float], b: Mapping[Head, float]) -> dict[str, Any]:
+    """Pearson and Spearman correlation over the heads both score (None below 2)."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) < 2:
+        return {"heads": len(shared), "pearson": None, "spearman": None}
+    x, y = [a[h] for h in shared], [b[h] for h in shared]
+    return {"heads": len(shared), "pearson": stats.pearson(x, y), "spearman": stats.spearman(x, y)}
+
+
 def compare_runs(
     store: Any,
     registry: Any,
@@ -120,7 +130,7 @@ def compare_runs(
     value: float | None = None,
     bands: int = 3,
 ) -> dict[str, Any]:
-    """Head-set overlap of two stored runs.
+    """Head-set overlap of two stored runs, and the correlation of their scores.
 
     Each run's head set comes from its metric (default: its analysis's primary
     metric) and a selection rule (default: its analysis's own, e.g. retrieval score
@@ -128,7 +138,7 @@ def compare_runs(
     have different shapes (models with other layer or head counts) are refused:
     the same (layer, head) would name different heads, and the bands other layers.
     """
-    sides, shapes = [], []
+    sides, shapes, all_scores = [], [], []
     for run_id, metric in ((run_a, metric_a), (run_b, metric_b)):
         run = store.get_run(run_id)
         if run.status != "succeeded":
@@ -149,6 +159,7 @@ def compare_runs(
         use_value = value if value is not None else own_value
         scores = {(r["layer"], r["head"]): r["value"] for r in store.head_scores(run_id, chosen)}
         heads = select_heads(scores, use_rule, use_value)
+        all_scores.append(scores)
         n_layers = 1 + max(layer for layer, _ in scores)
         shapes.append((n_layers, 1 + max(head for _, head in scores)))
         sides.append(
@@ -173,4 +184,5 @@ def compare_runs(
     result = compare_head_sets(
         set(map(tuple, sides[0]["heads"])), set(map(tuple, sides[1]["heads"])), shapes[0][0], bands
     )
-    return {"a": sides[0], "b": sides[1], **result}
+    correlation = score_correlation(*all_scores)
+    return {"a": sides[0], "b": sides[1], **result, "correlation": correlation}
