@@ -6,6 +6,7 @@ checking one method against another (SAE circuit vs patching reference).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -111,12 +112,18 @@ def compare_head_sets(a: set[Head], b: set[Head], n_layers: int, bands: int = 3)
 
 
 def score_correlation(a: Mapping[Head, float], b: Mapping[Head, float]) -> dict[str, Any]:
-    """Pearson and Spearman correlation over the heads both score (None below 2)."""
+    """Pearson and Spearman correlation over the heads both score; None where it is
+    undefined (fewer than two heads, or one run's scores all equal)."""
     shared = sorted(set(a) & set(b))
     if len(shared) < 2:
         return {"heads": len(shared), "pearson": None, "spearman": None}
     x, y = [a[h] for h in shared], [b[h] for h in shared]
-    return {"heads": len(shared), "pearson": stats.pearson(x, y), "spearman": stats.spearman(x, y)}
+    pearson, spearman = stats.pearson(x, y), stats.spearman(x, y)
+    return {
+        "heads": len(shared),
+        "pearson": None if math.isnan(pearson) else pearson,
+        "spearman": None if math.isnan(spearman) else spearman,
+    }
 
 
 def compare_runs(

@@ -95,3 +95,15 @@ def test_runs_compare_prints_the_score_correlation(capsys, tmp_path):
     assert corr == {"heads": 4, "pearson": pytest.approx(0.6), "spearman": pytest.approx(0.6)}
     table = run_cli(capsys, "runs", "compare", str(a), str(b), "--db", db)
     assert "pearson 0.600" in table.out and "spearman 0.600" in table.out
+
+
+def test_an_undefined_correlation_is_null_not_nan(capsys, tmp_path):
+    db = str(tmp_path / "u.db")
+    store = Store(db)
+    flat = finished_run(store, "tiny-llama", grid("induction", 1, 4, lambda layer, h: 0.5))
+    other = finished_run(store, "tiny-llama", grid("induction", 1, 4, lambda layer, h: h))
+    result = run_cli(
+        capsys, "runs", "compare", str(flat), str(other), "--format", "json", "--db", db
+    )
+    assert result.code == 0, result.err
+    assert result.json()["correlation"] == {"heads": 4, "pearson": None, "spearman": None}
