@@ -664,7 +664,8 @@ def runs_compare(
     format: str = FormatOption(),
     db: str | None = DbOption(),
 ) -> None:
-    """Overlap of two runs' head sets: Jaccard and overlap coefficient, by layer band."""
+    """Overlap of two runs' head sets (Jaccard and overlap coefficient, by layer band) and
+    the Pearson and Spearman correlation of their scores on the heads both score."""
     from .core.compare import compare_runs
 
     _check_format(format, ("table", "json"))
@@ -692,6 +693,13 @@ def runs_compare(
         f"shared {result['intersection']}  jaccard {result['jaccard']:.3f}  "
         f"overlap coefficient {result['overlap_coefficient']:.3f}"
     )
+    corr = result["correlation"]
+    if corr["pearson"] is not None:
+        console.print(
+            f"scores on the {corr['heads']} heads both score: pearson {corr['pearson']:.3f}  "
+            f"spearman {corr['spearman']:.3f}",
+            highlight=False,
+        )
     table = _table(
         "by layer band", ("band", "layers", "A", "B", "shared", "jaccard", "overlap coef.")
     )
@@ -708,6 +716,96 @@ def runs_compare(
     console.print(table)
     if result["shared_heads"]:
         console.print("shared heads: " + ", ".join(f"L{l}H{h}" for l, h in result["shared_heads"]))  # noqa: E741
+
+
+@runs_app.command("stats")
+def runs_stats(
+    run_id: int = RunIdArgument(),
+    metric: str | None = typer.Option(
+        None, help="Head metric (default: the analysis's primary metric)."
+    ),
+    bins: int = typer.Option(10, min=1, max=1000, help="Histogram bins over [min, max]."),
+    threshold: list[float] = typer.Option(
+        [], "--threshold", help="Count heads scoring above this (repeatable)."
+    ),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Distribution of a run's head scores: count, mean, sd, quantiles, a histogram and
+    how many heads score above each --threshold."""
+    from .core.summaries import head_score_stats
+
+    _check_format(format, ("table", "json"))
+    result = head_score_stats(
+        kit.store(db, mode="read"), kit.registry(), run_id, metric, bins, threshold
+    )
+    if format == "json":
+        _emit_json(result)
+        return
+    console.print(
+        f"run {run_id} ({result['analysis']} on {result['model']}), {result['metric']}: "
+        f"{result['count']} heads, mean {result['mean']:.4g}, sd {result['sd']:.4g}",
+        highlight=False,
+    )
+    quantiles = _table("quantiles", ("quantile", "value"))
+    for q, value in result["quantiles"].items():
+        quantiles.add_row(q, f"{value:.4g}")
+    console.print(quantiles)
+    histogram = _table("histogram", ("from", "to", "heads", ""))
+    most = max(b["count"] for b in result["histogram"]) or 1
+    for b in result["histogram"]:
+        bar = "#" * round(30 * b["count"] / most)
+        histogram.add_row(f"{b['low']:.4g}", f"{b['high']:.4g}", str(b["count"]), bar)
+    console.print(histogram)
+    for value, count in result["above"].items():
+        console.print(f"heads above {value}: {count}", highlight=False)
+
+
+@runs_app.command("summarize")
+def runs_summarize(
+    run_ids: list[int] = typer.Argument(..., help="Run ids (one analysis on one model)."),
+    metric: list[str] = typer.Option(
+        [], "--metric", help="Only these metrics (repeatable; default: every shared one)."
+    ),
+    format: str = FormatOption(),
+    db: str | None = DbOption(),
+) -> None:
+    """Each metric's mean +- sd, min and max across runs of one analysis on one model
+    (e.g. one per seed); params that differ besides the seed are named."""
+    from .core.summaries import summarize_runs
+
+    _check_format(format, ("table", "json"))
+    result = summarize_runs(kit.store(db, mode="read"), run_ids)
+    if metric:
+        missing = [m for m in metric if m not in result["metrics"]]
+        if missing:
+            raise InvalidParamsError(f"not a metric all these runs have: {', '.join(missing)}")
+        result["metrics"] = {m: result["metrics"][m] for m in metric}
+    if format == "json":
+        _emit_json(result)
+        return
+    console.print(
+        f"{result['analysis']} on {result['model']}: runs "
+        + ", ".join(map(str, result["runs"]))
+        + " (seeds "
+        + ", ".join(map(str, result["seeds"]))
+        + ")",
+        highlight=False,
+    )
+    if result["differing_params"]:
+        console.print(
+            "params that differ: " + ", ".join(result["differing_params"]), highlight=False
+        )
+    table = _table("across runs", ("metric", "n", "mean +- sd", "min", "max"))
+    for name, s in result["metrics"].items():
+        table.add_row(
+            name,
+            str(s["n"]),
+            f"{s['mean']:.4g} +- {s['sd']:.4g}",
+            f"{s['min']:.4g}",
+            f"{s['max']:.4g}",
+        )
+    console.print(table)
 
 
 @runs_app.command("cancel")

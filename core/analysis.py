@@ -254,6 +254,12 @@ class Analysis:
         named run may still be queued or running then (`FindingsReader.require_run`)."""
 
     @classmethod
+    def check_held_out(cls, params: BaseModel, findings: FindingsReader, seed: int) -> None:
+        """Checks that need the run's seed too: e.g. that a run whose heads are reused
+        never saw the examples this run holds out (the split depends on the seed).
+        Called right after `check_runs`; raise `InvalidParamsError`."""
+
+    @classmethod
     def parse_params(cls, values: Mapping[str, Any] | None) -> BaseModel:
         """Validate raw params strictly, as the JSON they arrive as (RPC bodies, params
         files, `-p` values): "3", true and 2.0 are not integers, while a JSON list

@@ -6,9 +6,11 @@ checking one method against another (SAE circuit vs patching reference).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import stats
 from .errors import InvalidParamsError
 
 Head = tuple[int, int]
@@ -30,6 +32,47 @@ def select_heads(
     if rule == "threshold":
         return {head for head, score in scores.items() if score > value}
     raise InvalidParamsError(f"unknown head selection rule {rule!r} (top or threshold)")
+
+
+def layer_matched_heads(
+    selected: Iterable[Head], n_heads: int, rng: Any, layers: Iterable[int] | None = None
+) -> set[Head]:
+    """A random control for `selected`: in every layer, as many heads as the
+    selection has there, drawn (numpy Generator `rng`) from that layer's other heads,
+    so depth matches and no selected head is ever drawn. Where a layer has too few
+    other heads, the shortfall comes from the nearest layers of `layers` (default:
+    the selection's layers) that still have free heads; with no free head left at
+    all it is an error. `layer_histogram` tells whether the match was exact."""
+    chosen = set(selected)
+    wanted = layer_histogram(chosen)
+    allowed = sorted(set(layers) if layers is not None else set(wanted))
+    free = {layer: [h for h in range(n_heads) if (layer, h) not in chosen] for layer in allowed}
+    control: set[Head] = set()
+    for layer in sorted(wanted):
+        short = wanted[layer]
+        # this layer first, then the others by distance (the lower first on a tie)
+        for source in sorted(free, key=lambda other: (abs(other - layer), other)):
+            take = min(short, len(free[source]))
+            picks = sorted(rng.choice(len(free[source]), size=take, replace=False).tolist())
+            control |= {(source, free[source][i]) for i in picks}
+            free[source] = [h for i, h in enumerate(free[source]) if i not in set(picks)]
+            short -= take
+            if short == 0:
+                break
+        if short:
+            raise InvalidParamsError(
+                f"{len(chosen)} selected heads leave too few other heads in layers "
+                f"{allowed[0]}..{allowed[-1]} for a random control of the same size"
+            )
+    return control
+
+
+def layer_histogram(heads: Iterable[Head]) -> dict[int, int]:
+    """How many of `heads` each layer has."""
+    counts: dict[int, int] = {}
+    for layer, _ in heads:
+        counts[layer] = counts.get(layer, 0) + 1
+    return counts
 
 
 def overlap(a: set[Head], b: set[Head]) -> dict[str, Any]:
@@ -68,6 +111,21 @@ def compare_head_sets(a: set[Head], b: set[Head], n_layers: int, bands: int = 3)
     return result
 
 
+def score_correlation(a: Mapping[Head, float], b: Mapping[Head, float]) -> dict[str, Any]:
+    """Pearson and Spearman correlation over the heads both score; None where it is
+    undefined (fewer than two heads, or one run's scores all equal)."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) < 2:
+        return {"heads": len(shared), "pearson": None, "spearman": None}
+    x, y = [a[h] for h in shared], [b[h] for h in shared]
+    pearson, spearman = stats.pearson(x, y), stats.spearman(x, y)
+    return {
+        "heads": len(shared),
+        "pearson": None if math.isnan(pearson) else pearson,
+        "spearman": None if math.isnan(spearman) else spearman,
+    }
+
+
 def compare_runs(
     store: Any,
     registry: Any,
@@ -79,7 +137,7 @@ def compare_runs(
     value: float | None = None,
     bands: int = 3,
 ) -> dict[str, Any]:
-    """Head-set overlap of two stored runs.
+    """Head-set overlap of two stored runs, and the correlation of their scores.
 
     Each run's head set comes from its metric (default: its analysis's primary
     metric) and a selection rule (default: its analysis's own, e.g. retrieval score
@@ -87,7 +145,7 @@ def compare_runs(
     have different shapes (models with other layer or head counts) are refused:
     the same (layer, head) would name different heads, and the bands other layers.
     """
-    sides, shapes = [], []
+    sides, shapes, all_scores = [], [], []
     for run_id, metric in ((run_a, metric_a), (run_b, metric_b)):
         run = store.get_run(run_id)
         if run.status != "succeeded":
@@ -108,6 +166,7 @@ def compare_runs(
         use_value = value if value is not None else own_value
         scores = {(r["layer"], r["head"]): r["value"] for r in store.head_scores(run_id, chosen)}
         heads = select_heads(scores, use_rule, use_value)
+        all_scores.append(scores)
         n_layers = 1 + max(layer for layer, _ in scores)
         shapes.append((n_layers, 1 + max(head for _, head in scores)))
         sides.append(
@@ -132,4 +191,5 @@ def compare_runs(
     result = compare_head_sets(
         set(map(tuple, sides[0]["heads"])), set(map(tuple, sides[1]["heads"])), shapes[0][0], bands
     )
-    return {"a": sides[0], "b": sides[1], **result}
+    correlation = score_correlation(*all_scores)
+    return {"a": sides[0], "b": sides[1], **result, "correlation": correlation}

@@ -104,6 +104,7 @@ def prepare(
 def check_runs(prepared: PreparedRun, findings: FindingsReader) -> None:
     """The stored runs the params name exist and fit (`Analysis.check_runs`)."""
     prepared.analysis.check_runs(prepared.params, findings, prepared.model_name)
+    prepared.analysis.check_held_out(prepared.params, findings, prepared.seed)
 
 
 def check_against_model(prepared: PreparedRun, handle: ModelHandle, registry: Any) -> None:

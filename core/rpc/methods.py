@@ -385,7 +385,8 @@ METHODS: tuple[RpcMethod, ...] = (
         CompareParams,
         runs_compare,
         results.Comparison,
-        "Overlap of two runs' head sets: Jaccard and overlap coefficient, by layer band.",
+        "Overlap of two runs' head sets (Jaccard and overlap coefficient, by layer band) "
+        "and the correlation of their scores.",
         "Each run's head set comes from its metric (default: its analysis's primary "
         "metric) and its analysis's own selection rule, unless top_k or threshold is given.",
         errors=_RESULTS,

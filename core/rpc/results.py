@@ -174,6 +174,12 @@ class BandOverlap(BaseModel):
     overlap_coefficient: float
 
 
+class ScoreCorrelation(BaseModel):
+    heads: int = Field(description="Heads both runs score.")
+    pearson: float | None = Field(description="None below two shared heads.")
+    spearman: float | None
+
+
 class Comparison(BaseModel):
     a: ComparisonSide
     b: ComparisonSide
@@ -185,3 +191,6 @@ class Comparison(BaseModel):
     overlap_coefficient: float
     shared_heads: list[list[int]]
     bands: list[BandOverlap]
+    correlation: ScoreCorrelation = Field(
+        description="Pearson and Spearman correlation of the two runs' scores."
+    )

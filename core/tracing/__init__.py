@@ -25,7 +25,9 @@ The submodules, each importing only those before it:
   contract and the `Plan` that visits the sites in forward order;
 - `edits`: interventions that change the model (ablation, patching, steering);
 - `reads`: interventions that only read (attention rows and scores, head outputs);
-- `run`: `forward`, `generate` and what they return.
+- `run`: `forward`, `generate` and what they return;
+- `sinks`: attention sinks as ACT finds them (`find_sinks`, `prompt_sinks`), for
+  `SinkCalibration`.
 
 Import from this package; the split is not part of the interface.
 """
@@ -56,6 +58,7 @@ from .run import (
     stop_token_ids,
     trace_kwargs,
 )
+from .sinks import find_sinks, prompt_sinks, sink_mask
 from .sites import AttentionCall, HeadOutputSite, Intervention, Plan
 
 __all__ = [
@@ -80,6 +83,7 @@ __all__ = [
     "UniformAttention",
     "check_heads",
     "check_layers",
+    "find_sinks",
     "forward",
     "generate",
     "head_map",
@@ -88,8 +92,10 @@ __all__ = [
     "newline_token_ids",
     "on_cpu",
     "on_model_device",
+    "prompt_sinks",
     "query_rows_mask",
     "query_start_columns",
+    "sink_mask",
     "stop_token_ids",
     "trace_kwargs",
 ]

@@ -3,7 +3,9 @@
 - `answer_logprobs`: log P(" " + answer | prompt), teacher forced; steering acts on
   the answer tokens exactly as it would while generating them.
 - `evaluate`: context-faithful accuracy (P(context answer) > P(memory answer)),
-  memorisation rate, and exact match of greedy answers (faithful / memorised).
+  with answer log-probabilities summed over tokens and, since the two answers
+  differ in length, also as a per-token mean; memorisation rate, and exact match
+  of greedy answers (faithful / memorised).
 - `perplexity`: the fluency guard, on neutral text whose first sentence is marked
   as context, so the modulation acts on it as on a question's context.
 """
@@ -60,6 +62,19 @@ def answer_ids(handle: ModelHandle, answer: str) -> list[int]:
     return handle.encode(" " + answer.strip(), add_special_tokens=False)
 
 
+def answer_token_logprobs(
+    handle: ModelHandle,
+    examples: Sequence[ContextExample],
+    answers: Sequence[str],
+    modulation: Modulation | None = None,
+    batch_size: int = 8,
+) -> list[list[float]]:
+    """Per-token log P(" " + answer | example prompt) for each example."""
+    marked = [e.marked(handle) for e in examples]
+    tails = [answer_ids(handle, a) for a in answers]
+    return continuation_logprobs(handle, marked, tails, modulation, batch_size)
+
+
 def answer_logprobs(
     handle: ModelHandle,
     examples: Sequence[ContextExample],
@@ -68,9 +83,9 @@ def answer_logprobs(
     batch_size: int = 8,
 ) -> list[float]:
     """log P(" " + answer | example prompt) for each example."""
-    marked = [e.marked(handle) for e in examples]
-    tails = [answer_ids(handle, a) for a in answers]
-    return [sum(lp) for lp in continuation_logprobs(handle, marked, tails, modulation, batch_size)]
+    return [
+        sum(lp) for lp in answer_token_logprobs(handle, examples, answers, modulation, batch_size)
+    ]
 
 
 def normalise(text: str) -> str:
@@ -125,26 +140,34 @@ def evaluate(
     """Faithfulness of the model (steered by `modulation`, if given) on `examples`.
 
     faithful_prob: share of examples with a memory answer where the context answer
-    is more probable; memorised_prob: the rest. faithful_em / memorised_em: share of
-    greedy answers that start with the context / memory answer.
+    is more probable (log-probabilities summed over the answer's tokens);
+    faithful_prob_per_token: the same with per-token mean log-probabilities, so a
+    longer answer is not penalised for its length; memorised_prob: the rest of
+    faithful_prob. faithful_em / memorised_em: share of greedy answers that start
+    with the context / memory answer. Each row keeps the per-example outcomes
+    (`faithful`, `faithful_per_token`, booleans) for paired intervals.
     """
     if not examples:
         raise InvalidParamsError("no examples to evaluate")
     label = label or (modulation.label if modulation is not None else "baseline")
-    context_lp = answer_logprobs(
+    context_tokens = answer_token_logprobs(
         handle, examples, [e.answer for e in examples], modulation, batch_size
     )
+    context_lp = [sum(lp) for lp in context_tokens]
     with_memory = [i for i, e in enumerate(examples) if e.memory_answer]
-    memory_lp: dict[int, float] = {}
+    memory_tokens: dict[int, list[float]] = {}
     if with_memory:
-        scored = answer_logprobs(
+        scored = answer_token_logprobs(
             handle,
             [examples[i] for i in with_memory],
             [examples[i].memory_answer for i in with_memory],
             modulation,
             batch_size,
         )
-        memory_lp = dict(zip(with_memory, scored, strict=True))
+        memory_tokens = dict(zip(with_memory, scored, strict=True))
+    memory_lp = {i: sum(lp) for i, lp in memory_tokens.items()}
+    context_mean = [_mean(lp) for lp in context_tokens]
+    memory_mean = {i: _mean(lp) for i, lp in memory_tokens.items()}
     generated = (
         generate_answers(handle, examples, modulation, max_new_tokens, batch_size)
         if generate
@@ -159,7 +182,12 @@ def evaluate(
             "memory_answer": example.memory_answer,
             "answer_logprob": context_lp[i],
             "memory_logprob": memory_lp.get(i),
+            "answer_logprob_per_token": context_mean[i],
+            "memory_logprob_per_token": memory_mean.get(i),
         }
+        if i in memory_lp:
+            row["faithful"] = context_lp[i] > memory_lp[i]
+            row["faithful_per_token"] = context_mean[i] > memory_mean[i]
         if generate:
             row["generated"] = generated[i]
             row["faithful_em"] = matches(generated[i], example.answer)
@@ -169,10 +197,13 @@ def evaluate(
         rows.append(row)
     metrics = {"examples": float(len(examples)), "answer_logprob": _mean(context_lp)}
     if with_memory:
-        wins = [context_lp[i] > memory_lp[i] for i in with_memory]
-        metrics["faithful_prob"] = _mean(wins)
+        metrics["faithful_prob"] = _mean([rows[i]["faithful"] for i in with_memory])
         metrics["memorised_prob"] = 1.0 - metrics["faithful_prob"]
         metrics["margin"] = _mean([context_lp[i] - memory_lp[i] for i in with_memory])
+        metrics["faithful_prob_per_token"] = _mean(
+            [rows[i]["faithful_per_token"] for i in with_memory]
+        )
+        metrics["margin_per_token"] = _mean([context_mean[i] - memory_mean[i] for i in with_memory])
     if generate:
         metrics["faithful_em"] = _mean([r["faithful_em"] for r in rows])
         metrics["memorised_em"] = _mean([r["memorised_em"] for r in rows])

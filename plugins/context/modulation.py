@@ -7,9 +7,10 @@ tracing interventions for one batch of marked prompts:
   `alpha * |z|` added (alpha 0 is exactly the unsteered model);
 - PASTA form: the logits of every prompt key outside the context get
   `log(pasta_coefficient)` added instead, i.e. their attention is scaled down;
-- optional ACT-style sink calibration (`sink_beta`): in the same heads, attention on
-  sink tokens other than each prompt's first (keys receiving mean attention above
-  `sink_threshold`) is scaled by beta and given to the other keys.
+- optional ACT sink calibration (`sink_beta`): in the same heads, attention on
+  each head's sinks but its first (keys receiving mean attention above
+  `sink_threshold`, found by `core.tracing.find_sinks`, the detection the
+  `attention-sinks` analysis uses) is scaled by beta and given to the other keys.
 
 Steering acts on query rows after the context (the question, the answer prefix)
 and on every generated token, as in PAINT's decoding-time modulation.
@@ -22,7 +23,6 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticSerializationError, to_json
 
@@ -135,7 +135,9 @@ class Modulation:
             steer = T.AttentionBias(self.heads, keys, value, "add", query_from)
         items: list[T.Intervention] = [steer]
         if settings.sink_beta is not None:
-            sinks = prompt_sinks(handle, batch, marked, sorted(self.heads), settings.sink_threshold)
+            prompts = [m.ids for m in marked]
+            layers = sorted(self.heads)
+            sinks = T.prompt_sinks(handle, batch, prompts, layers, settings.sink_threshold)
             items.append(T.SinkCalibration(self.heads, sinks, settings.sink_beta, query_from))
         return items
 
@@ -149,43 +151,6 @@ class Modulation:
             "sink_beta": settings.sink_beta,
             "heads": [[layer, head] for layer, hs in self.heads.items() for head in hs],
         }
-
-
-def find_sinks(
-    handle: ModelHandle, batch: T.Batch, layers: Sequence[int], threshold: float
-) -> dict[int, torch.Tensor]:
-    """Attention sinks per layer: bool [b, H, width], keys whose mean attention from
-    later rows exceeds `threshold`, except each prompt's first token (ACT keeps it)."""
-    result = T.forward(handle, batch, [T.AttentionReceived(list(layers))], logits_at=None)
-    first = torch.zeros(batch.size, batch.width, dtype=torch.bool)
-    first[torch.arange(batch.size), torch.tensor(batch.pads)] = True
-    sinks = {}
-    for layer in layers:
-        received = result.get("received", layer)  # [b, H, width]
-        sinks[layer] = (received > threshold) & ~first[:, None, :]
-    return sinks
-
-
-def prompt_sinks(
-    handle: ModelHandle,
-    batch: T.Batch,
-    marked: Sequence[MarkedPrompt],
-    layers: Sequence[int],
-    threshold: float,
-) -> dict[int, torch.Tensor]:
-    """Sinks found on the prompts alone, laid out over `batch`'s columns (whose rows
-    may continue past their prompts), so scoring an answer and generating it see
-    the same sinks."""
-    prompts = T.make_batch(handle, [list(m.ids) for m in marked])
-    found = find_sinks(handle, prompts, layers, threshold)
-    sinks = {}
-    for layer, mask in found.items():
-        out = torch.zeros(batch.size, mask.shape[1], batch.width, dtype=torch.bool)
-        for row, m in enumerate(marked):
-            src, dst = prompts.pads[row], batch.pads[row]
-            out[row, :, dst : dst + len(m)] = mask[row, :, src : src + len(m)]
-        sinks[layer] = out
-    return sinks
 
 
 def layer_range(handle: ModelHandle, min_layer: int, max_layer: int | None) -> list[int]:

@@ -95,6 +95,7 @@ def test_submit_poll_and_query_findings(server):
     compared = client.call("runs.compare", run_a=run["id"], run_b=run["id"], top_k=3)
     check_result(server.discover, "runs.compare", compared)
     assert compared["jaccard"] == 1.0 and len(compared["shared_heads"]) == 3
+    assert compared["correlation"]["pearson"] == pytest.approx(1.0)  # a run against itself
 
     for method, params in [
         ("plugins.list", {}),

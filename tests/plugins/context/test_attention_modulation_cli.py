@@ -57,8 +57,17 @@ def test_context_heads_then_modulation_from_its_heads(capsys, tmp_path):
         if r["metric"] == "answer_context_mass" and r["layer"] >= 1
     }
     assert set(selected) == set(sorted(scores, key=lambda h: -scores[h])[:3])
+    # every gain has its bootstrap interval around it; the random draws are layer-matched
+    for name in ("modulated.gain_faithful_prob", "modulated.gain_faithful_prob_per_token"):
+        assert metrics[f"{name}_low"] <= metrics[name] <= metrics[f"{name}_high"]
+    assert "modulated.gain_over_random_faithful_prob_low" in metrics
+    assert metrics["random_heads.layer_matched"] in (0.0, 1.0)
+    controls = result["run"]["summary"]["controls"]
+    for label in ("random_heads_1", "random_heads_2"):
+        assert not {tuple(h) for h in controls[label]} & set(selected)
     shown = run_cli(capsys, "runs", "show", str(result["run"]["id"]), "--db", db)
     assert "baseline vs modulated" in shown.out
+    assert "95% CI" in shown.out and "layer-matched random" in shown.out
 
     from_run = run_cli(
         capsys, "steer", "Context: the code is 12. Question: code? Answer:", "--context",
@@ -67,6 +76,24 @@ def test_context_heads_then_modulation_from_its_heads(capsys, tmp_path):
     )  # fmt: skip
     assert from_run.code == 0, from_run.err
     assert len(from_run.json()["modulation"]["heads"]) == 2
+
+
+def test_heads_chosen_on_examples_this_run_holds_out_are_rejected(capsys, tmp_path):
+    """Seed 6 holds out facts that seed 0's context-heads run chose its heads on."""
+    db = str(tmp_path / "overlap.db")
+    heads = run_cli(
+        capsys, "run", "context-heads", "-m", "tiny-llama", *SMALL, "-p", "max_new_tokens=2",
+        "--format", "json", "--db", db,
+    )  # fmt: skip
+    run_id = heads.json()["run"]["id"]
+    steered = run_cli(
+        capsys, "run", "attention-modulation", "-m", "tiny-llama", *SMALL, "-p", "min_layer=1",
+        "-p", f"from_run={run_id}", "--seed", "6", "--db", db,
+    )  # fmt: skip
+    assert steered.code == 1
+    assert "from_run" in steered.err and "holds out" in steered.err, steered.err
+    assert "Traceback" not in steered.err
+    assert _runs(capsys, db) == 1  # nothing stored for the rejected run
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from headscope.plugins.context.data import counterfactual_swaps
+from headscope.plugins.context.data import ContextExample, counterfactual_swaps
 from headscope.plugins.context.faithfulness import evaluate
 from headscope.plugins.context.modulation import Modulation, layer_heads
 from headscope.plugins.context.steering import SteeringRequest, steer
@@ -13,7 +13,15 @@ pytestmark = pytest.mark.real_model
 
 
 def test_steering_turns_a_memorised_answer_into_the_context_answer(smollm2):
-    example = counterfactual_swaps(1, 0)[0]  # Big Ben is in the city of Paris.
+    example = ContextExample(
+        context="Big Ben is in the city of Paris. Scientists measured the temperature of the "
+        "ocean at twelve different depths. A small boat drifted across the lake while the sun "
+        "set behind the hills. Our train was delayed for an hour because of snow on the tracks.",
+        question="In which city is Big Ben?",
+        answer="Paris",
+        memory_answer="London",
+        answer_prefix="Big Ben is in the city of",
+    )
     request = SteeringRequest.parse(
         {
             "prompt": example.prompt(),

@@ -84,3 +84,15 @@ def test_jsonl_datasets_and_their_errors(tmp_path):
         load_dataset("nonsense", 4, 0)
     with pytest.raises(DatasetError, match="cannot be split"):
         split(examples[:1], 0.5, 0)
+
+
+def test_the_counterfactual_set_holds_out_at_least_75_facts():
+    from headscope.plugins.context.data import fact_bank, load_dataset, split
+
+    bank = fact_bank()
+    assert len(bank) >= 150
+    assert len({(f["category"], f["subject"]) for f in bank}) == len(bank)
+    assert all(f["choices"] for f in bank)  # every fact has another answer to swap in
+    examples = load_dataset("counterfactual", len(bank), seed=0)
+    _, held_out = split(examples, 0.5, seed=0)
+    assert len(held_out) >= 75

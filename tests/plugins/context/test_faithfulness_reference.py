@@ -174,3 +174,25 @@ def test_counterfactual_prompts_fit_tiny_models_and_mark_their_context():
     assert text == example.context
     span = mark(handle, example.prompt(), [CharSpan(0, 8)])
     assert handle.decode([span.ids[p] for p in span.positions]) == "Context:"
+
+
+def test_per_token_faithfulness_compares_mean_logprobs_from_the_plain_model():
+    """Answers differ in length ("six cats" vs "two"): per token, each answer's summed
+    log-probability from the plain model is divided by its own token count."""
+    handle = tiny_handle("llama")
+    model = eager_model("llama")
+    result = evaluate(handle, EXAMPLES, generate=False, batch_size=2)
+    wins, margins = [], []
+    for example, row in zip(EXAMPLES, result.rows, strict=True):
+        ids = handle.encode(example.prompt())
+        answer = answer_ids(handle, example.answer)
+        memory = answer_ids(handle, example.memory_answer)
+        mean_answer = plain_logprob(model, ids, answer) / len(answer)
+        mean_memory = plain_logprob(model, ids, memory) / len(memory)
+        assert row["answer_logprob_per_token"] == pytest.approx(mean_answer, rel=1e-4)
+        assert row["memory_logprob_per_token"] == pytest.approx(mean_memory, rel=1e-4)
+        assert row["faithful_per_token"] == (mean_answer > mean_memory)
+        wins.append(mean_answer > mean_memory)
+        margins.append(mean_answer - mean_memory)
+    assert result.metrics["faithful_prob_per_token"] == pytest.approx(sum(wins) / 3)
+    assert result.metrics["margin_per_token"] == pytest.approx(sum(margins) / 3, rel=1e-4)

@@ -16,12 +16,7 @@ import torch
 
 from headscope.core import tracing as T
 from headscope.core.spans import CharSpan, TokenSet, mark
-from headscope.plugins.context.modulation import (
-    Modulation,
-    find_sinks,
-    generate_marked,
-    prompt_sinks,
-)
+from headscope.plugins.context.modulation import Modulation, generate_marked
 
 from helpers.models import tiny_handle
 from helpers.reference import (
@@ -221,18 +216,6 @@ def test_sink_calibration_matches_rescaling_after_the_softmax(family):
         assert torch.allclose(got.sum(-1), torch.ones(handle.n_heads), atol=1e-5)
 
 
-def test_find_sinks_keeps_the_first_token_and_uses_the_threshold():
-    handle = tiny_handle("llama")
-    batch = T.make_batch(handle, ["a b c d e f g h", "short"])
-    received = T.forward(handle, batch, [T.AttentionReceived([0, 1])], logits_at=None)
-    sinks = find_sinks(handle, batch, [0, 1], threshold=0.2)
-    for layer in (0, 1):
-        expected = received.get("received", layer) > 0.2
-        for row, pad in enumerate(batch.pads):
-            expected[row, :, pad] = False
-        assert torch.equal(sinks[layer], expected)
-
-
 def test_token_set_spans_steer_like_character_spans():
     handle = tiny_handle("llama")
     by_chars = marked_prompt(handle)
@@ -269,8 +252,8 @@ def test_sinks_come_from_the_prompt_alone_when_an_answer_follows():
     answers = [handle.encode(" 4821", add_special_tokens=False), handle.encode(" 7")]
     prompts = T.make_batch(handle, [list(m.ids) for m in marked])
     scored = T.make_batch(handle, [list(m.ids) + a for m, a in zip(marked, answers, strict=True)])
-    on_prompts = find_sinks(handle, prompts, [1], 0.05)[1]
-    laid_out = prompt_sinks(handle, scored, marked, [1], 0.05)[1]
+    on_prompts = T.find_sinks(handle, prompts, [1], 0.05)[1]
+    laid_out = T.prompt_sinks(handle, scored, [m.ids for m in marked], [1], 0.05)[1]
     assert on_prompts.any()
     for row, m in enumerate(marked):
         a, b = prompts.pads[row], scored.pads[row]
