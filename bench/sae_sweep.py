@@ -40,6 +40,16 @@ def parse_setting(text: str, common: dict) -> SaeCircuitParams:
     return SaeCircuitParams.model_validate(fields)
 
 
+def wait_for_reference(store: Store, run_id: int, handle) -> np.ndarray:
+    """The reference run's importance [L, H], once the run has finished."""
+    while store.get_run(run_id).status in ("queued", "running"):
+        time.sleep(30)
+    importance = np.zeros((handle.n_layers, handle.n_heads))
+    for row in store.head_scores(run_id, "importance"):
+        importance[row["layer"], row["head"]] = row["value"]
+    return importance
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--db", required=True)
@@ -61,27 +71,15 @@ def main() -> None:
     }
     settings = [parse_setting(text, common) for text in args.settings]
     store = Store(args.db)
-    rows = store.head_scores(args.reference, "importance")
     handle = load_model(args.model)
-    importance = np.zeros((handle.n_layers, handle.n_heads))
-    for row in rows:
-        importance[row["layer"], row["head"]] = row["value"]
-    reference = reference_heads(settings[0], importance)
-
     analysis = SaeCircuit()
     registry = build_registry()
     ctx = RunContext(lambda: handle, seed=0, registry=registry)
     data = prepare_task(handle, registry.task(args.task), args.n_examples, ctx.rng)
     positives, negatives = analysis._capture(ctx, data, 32)
     heads = handle.n_layers * handle.n_heads
-    print(
-        f"{args.task} on {handle.name}: {len(data)} pairs, {heads} heads; reference run "
-        f"{args.reference}: {len(reference)} heads with importance >= {args.min_effect:g}"
-    )
-    print(
-        "setting | units | scale | codes used | node AUC mean +- sd (min-max) | edge AUC | s/seed"
-    )
-    results = []
+    shape = (handle.n_layers, handle.n_heads)
+    trained = []
     for text, params in zip(args.settings, settings, strict=True):
         units = dictionary_units(params, heads)
         started = time.perf_counter()
@@ -89,13 +87,22 @@ def main() -> None:
             analysis._one_seed(ctx, params, positives, negatives, i, units, handle.n_heads)
             for i in range(params.seeds)
         ]
-        per_seed = (time.perf_counter() - started) / params.seeds
-        shape = (handle.n_layers, handle.n_heads)
-        node = np.array(
-            [evaluate_ranking(s["node"].reshape(shape), reference)["roc_auc"] for s in seeds]
-        )
-        edge = np.array(
-            [evaluate_ranking(s["edge"].reshape(shape), reference)["roc_auc"] for s in seeds]
+        trained.append((text, units, seeds, (time.perf_counter() - started) / params.seeds))
+        print(f"trained {text}: {trained[-1][-1]:.0f} s per seed", flush=True)
+
+    # the reference may still be running: the SAEs above need it only now
+    importance = wait_for_reference(store, args.reference, handle)
+    reference = reference_heads(settings[0], importance)
+    print(
+        f"{args.task} on {handle.name}: {len(data)} pairs, {heads} heads; reference run "
+        f"{args.reference}: {len(reference)} heads with importance >= {args.min_effect:g}"
+    )
+    print("setting | units | scale | codes used | node AUC mean +- sd (min-max) | edge AUC")
+    results = []
+    for text, units, seeds, per_seed in trained:
+        node, edge = (
+            np.array([evaluate_ranking(s[key].reshape(shape), reference)["roc_auc"] for s in seeds])
+            for key in ("node", "edge")
         )
         row = {
             "setting": text,
@@ -104,13 +111,14 @@ def main() -> None:
             "codes_used": float(np.mean([s["codes_used"] for s in seeds])),
             "node_auc": node.tolist(),
             "edge_auc": edge.tolist(),
+            "node_scores": [s["node"].tolist() for s in seeds],
             "seconds_per_seed": per_seed,
         }
         results.append(row)
         print(
             f"{text} | {units} | {row['scale']:.3g} | {row['codes_used']:.0f} | "
             f"{node.mean():.3f} +- {node.std():.3f} ({node.min():.3f}-{node.max():.3f}) | "
-            f"{edge.mean():.3f} +- {edge.std():.3f} | {per_seed:.0f}",
+            f"{edge.mean():.3f} +- {edge.std():.3f} ({edge.min():.3f}-{edge.max():.3f})",
             flush=True,
         )
     if args.json:

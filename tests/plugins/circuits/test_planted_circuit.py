@@ -2,12 +2,13 @@
 
 The weights of a fresh tiny Llama are set so that a chosen set of heads alone
 carries the task signal: each planted head attends uniformly (its queries are
-zero), reads how much of the signal token and of its stand-in the prompt holds
-(its values), and writes them onto the answer's and the distractor's
-unembeddings (its output slice). Every other
-head's output slice is scaled down a thousandfold, so it barely moves the
-residual stream. Clean prompts contain the signal token, corrupted ones a
-stand-in of the same length. sae-circuit must rank the planted heads first;
+zero), reads the signal token's embedding minus its stand-in's (its values), and
+writes that onto the answer's unembedding minus the distractor's (its output
+slice). Every other head's output slice, and every MLP's output, is zeroed, so
+nothing else writes to the residual stream. Clean
+prompts contain the signal token (always first), corrupted ones the stand-in in
+its places: a planted head writes one direction on clean prompts and the
+opposite on corrupted ones. sae-circuit must rank the planted heads first;
 head-patching, computed in the same run, confirms that they carry the task.
 """
 
@@ -35,6 +36,7 @@ def _pairs(n: int, seed: int = 0) -> list[dict]:
         body = rng.choice(letters, size=14).tolist()
         for position in rng.choice(14, size=int(rng.integers(3, 7)), replace=False):
             body[position] = SIGNAL
+        body[0] = SIGNAL
         clean = "".join(body)
         rows.append(
             {
@@ -53,21 +55,23 @@ def _plant(handle, planted: set[tuple[int, int]]) -> None:
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     ids = [handle.tokenizer.convert_tokens_to_ids(t) for t in (SIGNAL, STAND_IN)]
     normalize = torch.nn.functional.normalize
-    reads = normalize(model.model.embed_tokens.weight[ids], dim=-1)  # [2, d]
-    writes = normalize(model.lm_head.weight[ids], dim=-1)  # [2, d]
-    carriers = torch.eye(head_dim)[:2]  # [2, head_dim]
+    embed, unembed = model.model.embed_tokens.weight, model.lm_head.weight
+    reads = normalize(embed[ids[0]] - embed[ids[1]], dim=0)
+    writes = normalize(unembed[ids[0]] - unembed[ids[1]], dim=0)
+    carrier = torch.eye(head_dim)[0]
     with torch.no_grad():
         for layer, block in enumerate(model.model.layers):
+            block.mlp.down_proj.weight.zero_()
             attention = block.self_attn
             for head in range(model.config.num_attention_heads):
                 rows = slice(head * head_dim, (head + 1) * head_dim)
                 if (layer, head) not in planted:
-                    attention.o_proj.weight[:, rows] *= 1e-3
+                    attention.o_proj.weight[:, rows] = 0.0
                     continue
                 kv = slice((head // group) * head_dim, (head // group + 1) * head_dim)
                 attention.q_proj.weight[rows] = 0.0  # uniform attention
-                attention.v_proj.weight[kv] = 20.0 * carriers.T @ reads
-                attention.o_proj.weight[:, rows] = 20.0 * writes.T @ carriers
+                attention.v_proj.weight[kv] = 4.0 * torch.outer(carrier, reads)
+                attention.o_proj.weight[:, rows] = 2.0 * torch.outer(writes, carrier)
 
 
 @pytest.mark.parametrize("planted", [{(0, 1), (2, 2)}, {(1, 0), (2, 3)}])
