@@ -118,7 +118,7 @@ class SaeCircuitParams(BaseModel):
 
 class SaeCircuit(Analysis):
     name = "sae-circuit"
-    version = "1"
+    version = "2"
     summary = "Circuit heads from a discrete SAE's task-specific codes (O'Neill & Bui)."
     Params = SaeCircuitParams
     primary_metric = "unique_codes"

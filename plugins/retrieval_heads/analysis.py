@@ -234,7 +234,7 @@ class _Inputs:
 
 class RetrievalHeads(Analysis):
     name = "retrieval-heads"
-    version = "1"
+    version = "2"
     summary = "Retrieval score per head on needle-in-a-haystack tests, with a masking check."
     Params = RetrievalParams
     primary_metric = "retrieval_score"
