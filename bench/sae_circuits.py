@@ -1,14 +1,14 @@
 """Wall time of sae-circuit against full per-head activation patching, side by side.
 
 Both analyses run in this process on the same model, task, seed and prompt pairs
-(the same `n_examples` draws the same pairs): `sae-circuit` with its published
-defaults, and `head-patching` in full mode (one patched run per head and
-direction). sae-circuit runs before and after the patching and its time is the
+(the same `n_examples` draws the same pairs): `sae-circuit` with its defaults,
+and `head-patching` in full mode (one patched run per head and direction; by
+default noising on 64 pairs, the reference sae-circuit is judged against). sae-circuit runs before and after the patching and its time is the
 mean of the two. Prints both wall times and their ratio; the SAE side is also given
 for a single SAE (capture plus one training), which is the method itself, while
 the analysis default trains `--seeds` SAEs to report their spread.
 
-    .venv/bin/python bench/sae_circuits.py --task ioi --pairs 32
+    .venv/bin/python bench/sae_circuits.py --task ioi --pairs 64
 
 Timings depend on the machine and on what else runs on it: compare ratios from
 one run, on a quiet machine.
@@ -37,9 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="ioi")
-    parser.add_argument("--pairs", type=int, default=32, help="prompt pairs for both methods")
+    parser.add_argument("--pairs", type=int, default=64, help="prompt pairs for both methods")
     parser.add_argument("--seeds", type=int, default=5, help="SAEs trained by sae-circuit")
-    parser.add_argument("--directions", default="both", choices=["noising", "denoising", "both"])
+    parser.add_argument("--directions", default="noising", choices=["noising", "denoising", "both"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -61,8 +61,8 @@ def main() -> None:
         task=args.task, n_examples=args.pairs, mode="full", directions=args.directions
     )
 
-    SaeCircuit.check(sae_params, handle)
-    HeadPatching.check(patch_params, handle)
+    SaeCircuit.check(sae_params, handle, registry)
+    HeadPatching.check(patch_params, handle, registry)
 
     def run_sae() -> tuple[float, float]:
         started = time.perf_counter()

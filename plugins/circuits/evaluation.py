@@ -2,18 +2,20 @@
 
 ROC AUC scores the whole ranking. A circuit is a set, so precision and recall are
 also given for two cuts: the ranking's top k (k = the reference's size) and the
-threshold that maximises TPR + TNR (balanced accuracy), the cut the SAE-circuit
-paper reports. That threshold is chosen with the reference labels, so it is an
-upper bound on what a label-free cut achieves.
+threshold that balances TPR and TNR best. `harmonic` (the SAE-circuit paper's
+choice) maximises their harmonic mean 2 TPR TNR / (TPR + TNR); `youden`
+maximises TPR - FPR (= TPR + TNR - 1). That threshold is chosen with the
+reference labels, so it is an upper bound on what a label-free cut achieves.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 Head = tuple[int, int]
+ThresholdRule = Literal["harmonic", "youden"]
 
 
 def labels_for(reference: set[Head], n_layers: int, n_heads: int) -> np.ndarray:
@@ -31,7 +33,20 @@ def precision_recall(selected: set[Head], reference: set[Head]) -> tuple[float, 
     return precision, recall
 
 
-def evaluate_ranking(scores: np.ndarray, reference: set[Head]) -> dict[str, Any]:
+def balance(tpr: np.ndarray, fpr: np.ndarray, rule: ThresholdRule) -> np.ndarray:
+    """How well each ROC point balances TPR and TNR under `rule` (higher is better)."""
+    if rule == "youden":
+        return tpr - fpr
+    if rule == "harmonic":
+        tnr = 1 - fpr
+        total = tpr + tnr
+        return np.divide(2 * tpr * tnr, total, out=np.zeros_like(total), where=total > 0)
+    raise ValueError(f"unknown threshold rule {rule!r} (harmonic or youden)")
+
+
+def evaluate_ranking(
+    scores: np.ndarray, reference: set[Head], threshold: ThresholdRule = "harmonic"
+) -> dict[str, Any]:
     """scores [layers, heads] (higher = more in the circuit) against reference heads."""
     n_layers, n_heads = scores.shape
     labels = labels_for(reference, n_layers, n_heads)
@@ -45,7 +60,7 @@ def evaluate_ranking(scores: np.ndarray, reference: set[Head]) -> dict[str, Any]
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fpr, tpr, thresholds = roc_curve(labels, flat)
-    best = int(np.argmax(tpr - fpr))
+    best = int(np.argmax(balance(tpr, fpr, threshold)))
     cut = float(thresholds[best])
     chosen = {heads[i] for i in range(flat.size) if flat[i] >= cut}
     precision, recall = precision_recall(chosen, reference)

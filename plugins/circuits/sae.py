@@ -7,10 +7,17 @@ codes it never takes on negative prompts is doing something task-specific:
 
 - node score of head h = |codes of h on positives \\ codes of h on negatives|;
 - edge score of heads (u, v) = number of code pairs (code of u, code of v), seen
-  together on some positive prompt, never on a negative one.
+  together on some positive prompt, never on a negative one. Pairs are ordered:
+  u sits in an earlier layer than v (an edge can only run forward), and a head's
+  edge score is how many of the k best pairs it takes part in, k = n^2 / 4 for n
+  heads by default (the published choice).
 
 Edge sets are kept sparse: each (u, c_u, v, c_v) is one int64 key in a sorted
 array, so memory grows with the prompts, not with (heads x units)^2.
+
+Inputs are rescaled before training by one factor for all samples
+(`global_scale`): the L1 coefficient then means the same on every model, and
+heads keep their relative norms (a unit-norm scaling would erase them).
 """
 
 from __future__ import annotations
@@ -113,22 +120,46 @@ def _seen(code_rows: np.ndarray, n_units: int) -> np.ndarray:
     return seen
 
 
-def pair_keys(code_rows: np.ndarray, n_units: int) -> np.ndarray:
-    """Sorted unique keys of every (head u, code, head v, code) with u < v seen on a row."""
-    heads = code_rows.shape[1]
+def global_scale(samples: torch.Tensor, rms: float = 1.0) -> float:
+    """The one factor that brings the samples' root-mean-square element to `rms`."""
+    current = float(samples.double().pow(2).mean().sqrt())
+    return rms / current if current > 0 else 1.0
+
+
+def default_edge_pairs(n_heads: int) -> int:
+    """k of the edge variant: n^2 / 4 pairs for n heads (O'Neill & Bui)."""
+    return max(1, n_heads * n_heads // 4)
+
+
+def ordered_pairs(heads: int, heads_per_layer: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(u, v) index arrays of every head pair with u in an earlier layer than v
+    (heads are numbered layer-major; with one head per layer, every u < v)."""
     upper_u, upper_v = np.triu_indices(heads, k=1)
+    forward = upper_u // heads_per_layer < upper_v // heads_per_layer
+    return upper_u[forward], upper_v[forward]
+
+
+def pair_keys(code_rows: np.ndarray, n_units: int, heads_per_layer: int = 1) -> np.ndarray:
+    """Sorted unique keys of every (head u, code, head v, code) of an ordered pair
+    (`ordered_pairs`) seen on a row."""
+    heads = code_rows.shape[1]
+    upper_u, upper_v = ordered_pairs(heads, heads_per_layer)
     nodes = np.arange(heads, dtype=np.int64)[None, :] * n_units + code_rows.astype(np.int64)
     span = np.int64(heads * n_units)
     keys = nodes[:, upper_u] * span + nodes[:, upper_v]
     return np.unique(keys)
 
 
-def unique_pair_counts(positive: np.ndarray, negative: np.ndarray, n_units: int) -> np.ndarray:
-    """[K, K] (upper triangle): per head pair, code pairs seen on positives, never on
-    negatives."""
+def unique_pair_counts(
+    positive: np.ndarray, negative: np.ndarray, n_units: int, heads_per_layer: int = 1
+) -> np.ndarray:
+    """[K, K] (upper triangle): per ordered head pair, code pairs seen on positives,
+    never on negatives."""
     heads = positive.shape[1]
     only_positive = np.setdiff1d(
-        pair_keys(positive, n_units), pair_keys(negative, n_units), assume_unique=True
+        pair_keys(positive, n_units, heads_per_layer),
+        pair_keys(negative, n_units, heads_per_layer),
+        assume_unique=True,
     )
     span = heads * n_units
     u = (only_positive // span) // n_units
@@ -138,11 +169,13 @@ def unique_pair_counts(positive: np.ndarray, negative: np.ndarray, n_units: int)
     return counts
 
 
-def edge_node_scores(pair_counts: np.ndarray, top_pairs: int) -> np.ndarray:
-    """Per head: in how many of the `top_pairs` highest-scoring head pairs it takes part
-    (pairs with no unique code pair never count)."""
+def edge_node_scores(
+    pair_counts: np.ndarray, top_pairs: int, heads_per_layer: int = 1
+) -> np.ndarray:
+    """Per head: in how many of the `top_pairs` highest-scoring ordered head pairs it
+    takes part (pairs with no unique code pair never count)."""
     heads = pair_counts.shape[0]
-    upper_u, upper_v = np.triu_indices(heads, k=1)
+    upper_u, upper_v = ordered_pairs(heads, heads_per_layer)
     values = pair_counts[upper_u, upper_v]
     order = np.argsort(-values, kind="stable")[:top_pairs]
     order = order[values[order] > 0]
@@ -152,10 +185,12 @@ def edge_node_scores(pair_counts: np.ndarray, top_pairs: int) -> np.ndarray:
     return scores
 
 
-def top_pairs(pair_counts: np.ndarray, k: int) -> list[tuple[int, int, float]]:
-    """The k head pairs (u, v, count) with most unique code pairs (count > 0)."""
+def top_pairs(
+    pair_counts: np.ndarray, k: int, heads_per_layer: int = 1
+) -> list[tuple[int, int, float]]:
+    """The k ordered head pairs (u, v, count) with most unique code pairs (count > 0)."""
     heads = pair_counts.shape[0]
-    upper_u, upper_v = np.triu_indices(heads, k=1)
+    upper_u, upper_v = ordered_pairs(heads, heads_per_layer)
     values = pair_counts[upper_u, upper_v]
     order = np.argsort(-values, kind="stable")[:k]
     return [(int(upper_u[i]), int(upper_v[i]), float(values[i])) for i in order if values[i] > 0]

@@ -13,14 +13,19 @@ above `threshold` (0.1).
 
 The causal check masks the top-K heads (uniform attention: their queries zeroed
 at the prefill and every decode step) and, separately, K heads drawn at random
-from the heads that are *not* retrieval heads, and measures needle accuracy.
+from the heads that are *not* retrieval heads, and measures needle accuracy. By
+default it runs out of sample: on held-out needles hidden in held-out haystack
+text (`data/heldout/`), none of which the scores were computed from.
+
+`compare_with=RUN` reports how far the retrieval heads are the heads another run
+selects (e.g. head-detector's induction heads: is retrieval just copying?).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from headscope.core.analysis import Analysis, Finding, RunContext
 from headscope.core.budget import MemoryBudget, run_batched
+from headscope.core.compare import compare_head_sets, select_heads
 from headscope.core.errors import ContextTooLongError, InvalidParamsError
 from headscope.core.plots import head_heatmap, line_plot
 from headscope.core.runs import MAX_INT
@@ -41,12 +47,14 @@ from headscope.core.tracing import (
 )
 
 from .needles import (
-    DEFAULT_TEMPLATE,
     HaystackBuilder,
     NeedleTest,
-    check_template,
+    check_disjoint,
+    heldout_haystack_paths,
+    heldout_needles_path,
     load_haystack,
     load_needles,
+    resolve_template,
 )
 
 _ROUGE = None
@@ -115,6 +123,7 @@ class NeedleOutcome:
     rouge: float
     scores: torch.Tensor | None = None  # [layers, heads]; None when not scored
     tokens: list[int] = field(default_factory=list)
+    split: str = "scoring"  # or "held-out": a masking-check test never scored
 
     @property
     def counted(self) -> bool:
@@ -130,6 +139,7 @@ class NeedleOutcome:
             "response": self.response,
             "rouge1_recall": round(self.rouge, 4),
             "counted": self.counted,
+            "split": self.split,
         }
 
 
@@ -143,7 +153,10 @@ class RetrievalParams(BaseModel):
         None, description="Text files (default: built-in corpus)."
     )
     template: str = Field(
-        DEFAULT_TEMPLATE, description="Prompt with {context}, {question}, {answer_prefix}."
+        "answer-prefix",
+        description="Prompt template: answer-prefix (the answer begins with the needle's "
+        "own words, as published), bare (the prompt ends at 'Answer:'), or one of your own "
+        "with {context}, {question} and optionally {answer_prefix}.",
     )
     max_new_tokens: int = Field(
         32, ge=1, le=512, description="Decoding steps at most (stops at a newline)."
@@ -156,6 +169,24 @@ class RetrievalParams(BaseModel):
         [500], description="Lengths used for the masking check (None: all)."
     )
     random_draws: int = Field(2, ge=1, le=50, description="Random head sets per test and K.")
+    mask_on: Literal["held-out", "scoring"] = Field(
+        "held-out",
+        description="Masking-check tests: held-out = needles and haystack not used for "
+        "scoring; scoring = the scored tests themselves.",
+    )
+    heldout_needles_file: str | None = Field(
+        None, description="JSONL of held-out needles (default: built-in held-out set)."
+    )
+    heldout_haystack_files: list[str] | None = Field(
+        None, description="Held-out haystack text files (default: built-in held-out set)."
+    )
+    compare_with: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INT,
+        description="Compare the retrieval heads with this run's heads (e.g. a head-detector "
+        "run: its induction heads).",
+    )
     scores_from: int | None = Field(
         None, ge=1, le=MAX_INT, description="Reuse retrieval scores from this run id."
     )
@@ -189,7 +220,7 @@ class RetrievalParams(BaseModel):
     @field_validator("template")
     @classmethod
     def _template(cls, value: str) -> str:
-        check_template(value)
+        resolve_template(value)
         return value
 
 
@@ -198,11 +229,13 @@ class _Inputs:
     needles: list
     documents: list[str]
     mask_lengths: list[int] = field(default_factory=list)
+    heldout_needles: list = field(default_factory=list)
+    heldout_documents: list[str] = field(default_factory=list)
 
 
 class RetrievalHeads(Analysis):
     name = "retrieval-heads"
-    version = "1"
+    version = "2"
     summary = "Retrieval score per head on needle-in-a-haystack tests, with a masking check."
     Params = RetrievalParams
     primary_metric = "retrieval_score"
@@ -217,10 +250,14 @@ class RetrievalHeads(Analysis):
                 f"lengths {too_long} plus {params.max_new_tokens} generated tokens exceed "
                 f"{handle.name}'s {handle.max_positions} positions"
             )
-        builder = HaystackBuilder(handle.tokenizer, inputs.documents, params.template)
+        template = resolve_template(params.template)
+        builder = HaystackBuilder(handle.tokenizer, inputs.documents, template)
         shortest = min(params.lengths)
         for needle in inputs.needles:  # fails early if a needle cannot fit
             builder.build(needle, shortest, params.depths[0])
+        heldout = HaystackBuilder(handle.tokenizer, inputs.heldout_documents or ["."], template)
+        for needle in inputs.heldout_needles:
+            heldout.build(needle, min(inputs.mask_lengths), params.depths[0])
 
     @classmethod
     def check_runs(cls, params: RetrievalParams, findings, model: str) -> None:
@@ -228,6 +265,12 @@ class RetrievalHeads(Analysis):
             run = findings.require_run(params.scores_from, "scores_from")
             if run.status == "succeeded":
                 findings.head_scores(params.scores_from, "retrieval_score")
+        if params.compare_with is not None:
+            run = findings.require_run(params.compare_with, "compare_with")
+            if run.model != model:
+                raise InvalidParamsError(
+                    f"compare_with: run {run.id} is on {run.model}, not {model}"
+                )
 
     @staticmethod
     def _inputs(params: RetrievalParams) -> _Inputs:
@@ -241,13 +284,27 @@ class RetrievalHeads(Analysis):
             mask_lengths = [
                 n for n in params.mask_lengths if n in params.lengths
             ] or params.mask_lengths
-        return _Inputs(needles, documents, mask_lengths)
+        inputs = _Inputs(needles, documents, mask_lengths)
+        if params.mask_on == "held-out" and params.mask_top_k:
+            inputs.heldout_needles = load_needles(
+                Path(params.heldout_needles_file)
+                if params.heldout_needles_file
+                else heldout_needles_path()
+            )
+            inputs.heldout_documents = load_haystack(
+                [Path(p) for p in params.heldout_haystack_files]
+                if params.heldout_haystack_files
+                else heldout_haystack_paths()
+            )
+            check_disjoint((needles, documents), (inputs.heldout_needles, inputs.heldout_documents))
+        return inputs
 
     def run(self, ctx: RunContext, params: RetrievalParams) -> Finding:
         handle = ctx.model
         self.check(params, handle, ctx.registry)
         inputs = self._inputs(params)
-        builder = HaystackBuilder(handle.tokenizer, inputs.documents, params.template)
+        template = resolve_template(params.template)
+        builder = HaystackBuilder(handle.tokenizer, inputs.documents, template)
         stops = stop_token_ids(handle, stop_at_newline=True)
         tests = [
             builder.build(needle, length, depth, index)
@@ -256,7 +313,15 @@ class RetrievalHeads(Analysis):
             for index, needle in enumerate(inputs.needles)
         ]
         mask_tests = [t for t in tests if t.length in inputs.mask_lengths]
-        if not mask_tests and params.mask_top_k:
+        if params.mask_on == "held-out":
+            heldout = HaystackBuilder(handle.tokenizer, inputs.heldout_documents, template)
+            mask_tests = [
+                heldout.build(needle, length, depth, index)
+                for length in inputs.mask_lengths
+                for depth in params.depths
+                for index, needle in enumerate(inputs.heldout_needles)
+            ]
+        elif not mask_tests and params.mask_top_k:
             mask_tests = [
                 builder.build(needle, length, depth, index)
                 for length in inputs.mask_lengths
@@ -297,6 +362,9 @@ class RetrievalHeads(Analysis):
             self._masking(
                 ctx, finding, handle, scores, mask_tests, outcomes, ks, params, stops, done, total
             )
+            finding.summary["masking tests"] = params.mask_on
+        if params.compare_with is not None:
+            self._compare(ctx, finding, scores, params)
         ctx.progress(total, total, "done")
         finding.add_json(
             "tests.json", [o.record() for o in outcomes.values()], "per-test responses"
@@ -411,6 +479,7 @@ class RetrievalHeads(Analysis):
         # Every generation of the check, test by test: the unmasked baseline where
         # scoring did not run it, then each K's top-K and random-K variants. A test's
         # variants share its prompt, so they batch together as rows with per-row masks.
+        split = "held-out" if params.mask_on == "held-out" else "scoring"
         draws_log = []
         variants: dict[int, list[tuple[int, str, dict]]] = {id(t): [] for t in tests}
         for test in tests:
@@ -441,7 +510,7 @@ class RetrievalHeads(Analysis):
         for (test, k, kind, _), response in zip(jobs, responses, strict=True):
             rouge = rouge1_recall(test.needle.answer, response)
             if kind == "baseline":
-                outcomes[id(test)] = NeedleOutcome(test, response, rouge)
+                outcomes[id(test)] = NeedleOutcome(test, response, rouge, split=split)
             else:
                 accuracy.setdefault((k, kind), []).append(rouge)
         baseline = [outcomes[id(test)].rouge for test in tests]
@@ -499,3 +568,53 @@ class RetrievalHeads(Analysis):
         items = [UniformAttention(masks)] if any(masks) else []
         _, result = self._generate(handle, tests, max_new_tokens, stops, items)
         return [handle.decode(tokens).strip() for tokens in result.tokens]
+
+    # -- other heads -------------------------------------------------------------------------
+    @staticmethod
+    def _compare(ctx, finding, scores: torch.Tensor, params) -> None:
+        """Overlap of the retrieval heads with the heads of run `compare_with`, which
+        are chosen by that run's metric and its analysis's own rule."""
+        run_id = params.compare_with
+        run = ctx.findings.run(run_id)
+        # a problem here only skips the comparison: the scores above are kept
+        if run.status != "succeeded":
+            finding.summary["compare warning"] = f"run {run_id} has status {run.status}"
+            return
+        metric = ctx.findings.head_metric(run_id)
+        other = ctx.findings.head_scores(run_id, metric)
+        if set(other) != {
+            (layer, head) for layer in range(scores.shape[0]) for head in range(scores.shape[1])
+        }:
+            finding.summary["compare warning"] = f"run {run_id} scores another model shape"
+            return
+        analysis = ctx.registry.analyses.get(run.analysis) if ctx.registry else None
+        rule, value = analysis.head_selection if analysis else ("top", 10)
+        theirs = select_heads(other, rule, value)
+        ours = select_heads(
+            {(layer, head): float(scores[layer, head]) for layer, head in other},
+            "threshold",
+            params.threshold,
+        )
+        result = compare_head_sets(ours, theirs, scores.shape[0])
+        finding.add_metric("compare_shared_heads", result["intersection"])
+        finding.add_metric("compare_jaccard", result["jaccard"])
+        finding.add_metric("compare_overlap_coefficient", result["overlap_coefficient"])
+        their_ranks = {
+            head: rank + 1 for rank, head in enumerate(sorted(other, key=lambda h: (-other[h], h)))
+        }
+        finding.summary["compared with"] = {
+            "run": run_id,
+            "analysis": run.analysis,
+            "metric": metric,
+            "their heads": f"{metric} {rule} {value:g}: {len(theirs)} heads",
+            "shared": [f"L{layer}H{head}" for layer, head in result["shared_heads"]],
+        }
+        finding.summary.setdefault("tables", {})[f"retrieval heads by {metric} (run {run_id})"] = [
+            {
+                "head": f"L{layer}H{head}",
+                "retrieval_score": round(float(scores[layer, head]), 3),
+                metric: round(other[(layer, head)], 3),
+                f"{metric} rank": their_ranks[(layer, head)],
+            }
+            for layer, head in sorted(ours, key=lambda head: -float(scores[head]))
+        ]

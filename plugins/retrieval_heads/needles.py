@@ -26,6 +26,12 @@ DEFAULT_TEMPLATE = (
     "{context}\n\nAnswer the question using the text above.\n"
     "Question: {question}\nAnswer: {answer_prefix}"
 )
+#: named prompt templates: the published one starts the answer with the needle's
+#: own words (answer_prefix); `bare` leaves the model to start from "Answer:"
+TEMPLATES = {
+    "answer-prefix": DEFAULT_TEMPLATE,
+    "bare": "{context}\n\nAnswer the question using the text above.\nQuestion: {question}\nAnswer:",
+}
 _SENTENCE_END = re.compile(r"""[.!?]["')\]]?\s*$""")
 _FIELDS = {"context", "question", "answer_prefix"}
 
@@ -67,6 +73,41 @@ def default_needles_path() -> Path:
 
 def default_haystack_paths() -> list[Path]:
     return sorted((data_dir() / "haystack").glob("*.txt"))
+
+
+def heldout_needles_path() -> Path:
+    """Needles never used for scoring: the masking check's default."""
+    return data_dir() / "heldout" / "needles.jsonl"
+
+
+def heldout_haystack_paths() -> list[Path]:
+    """Haystack text never used for scoring: the masking check's default."""
+    return sorted((data_dir() / "heldout" / "haystack").glob("*.txt"))
+
+
+def resolve_template(value: str) -> str:
+    """A template name (`TEMPLATES`) or a template of its own, checked."""
+    template = TEMPLATES.get(value, value)
+    check_template(template)
+    return template
+
+
+def check_disjoint(
+    scoring: tuple[list[Needle], list[str]], heldout: tuple[list[Needle], list[str]]
+) -> None:
+    """Held-out needles and haystack must share nothing with the scoring ones."""
+    needles = {n.needle for n in scoring[0]} & {n.needle for n in heldout[0]}
+    answers = {n.answer for n in scoring[0]} & {n.answer for n in heldout[0]}
+    documents = set(scoring[1]) & set(heldout[1])
+    if needles or answers:
+        shared = sorted(needles | answers)
+        raise InvalidParamsError(
+            f"held-out needles repeat scoring needles or answers: {shared[:3]}"
+        )
+    if documents:
+        raise InvalidParamsError(
+            f"{len(documents)} held-out haystack document(s) are also scoring documents"
+        )
 
 
 def load_needles(path: Path | None = None) -> list[Needle]:

@@ -207,7 +207,7 @@ def test_checks_before_the_run_is_stored(capsys, tmp_path):
     run_id = str(detector_run(capsys, db))
     for args, expected in [
         (
-            ("sae-circuit", "-p", "reference=auto"),
+            ("sae-circuit", "-p", "reference=auto", "-p", "reference_top_k=15"),
             "reference_top_k: 15 is not below tiny-llama's 12 heads",
         ),
         (

@@ -162,7 +162,13 @@ def test_checks_that_need_the_model_fail_the_run_at_its_start(client):
         "runs.submit",
         analysis="sae-circuit",
         model="tiny-llama",
-        params={"reference": "auto", "n_examples": 4, "steps": 2, "seeds": 1},
+        params={
+            "reference": "auto",
+            "reference_top_k": 15,
+            "n_examples": 4,
+            "steps": 2,
+            "seeds": 1,
+        },
     )["run_id"]
     run = client.wait_for(run_id, ("succeeded", "failed"))["run"]
     assert run["status"] == "failed" and run["started_at"] is None

@@ -104,3 +104,57 @@ def test_evaluate_ranking_against_hand_computed_values():
     assert result["roc_auc"] == pytest.approx(3 / 8)
     with pytest.raises(ValueError):
         evaluate_ranking(scores, set())
+
+
+def test_ordered_pairs_run_from_earlier_to_later_layers():
+    u, v = sae.ordered_pairs(6, heads_per_layer=2)  # 3 layers x 2 heads
+    pairs = set(zip(u.tolist(), v.tolist(), strict=True))
+    expected = {(a, b) for a in range(6) for b in range(6) if a // 2 < b // 2}
+    assert pairs == expected and len(pairs) == 12
+    # with one head per layer every u < v is ordered (the flat case above)
+    assert len(sae.ordered_pairs(4)[0]) == 6
+
+
+def test_same_layer_pairs_never_count_as_edges():
+    positive = np.array([[0, 0, 1, 1], [2, 2, 3, 3]])  # 2 layers x 2 heads
+    negative = np.array([[4, 4, 4, 4]])
+    counts = sae.unique_pair_counts(positive, negative, 5, heads_per_layer=2)
+    assert counts[0, 1] == 0 and counts[2, 3] == 0  # same layer
+    assert counts[0, 2] == 2 and counts[1, 3] == 2  # across layers: one pair per row
+
+
+def test_edge_variant_k_is_a_quarter_of_heads_squared():
+    assert sae.default_edge_pairs(270) == 18225  # 270^2 / 4
+    assert sae.default_edge_pairs(12) == 36
+    assert sae.default_edge_pairs(1) == 1
+
+
+def test_global_scale_keeps_relative_norms():
+    samples = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
+    scale = sae.global_scale(samples, rms=2.0)
+    scaled = samples * scale
+    assert float(scaled.pow(2).mean().sqrt()) == pytest.approx(2.0)
+    norms = scaled.norm(dim=-1)
+    assert float(norms[0] / norms[1]) == pytest.approx(10.0)
+    assert sae.global_scale(torch.zeros(2, 2)) == 1.0
+
+
+def test_threshold_rules_pick_the_balanced_cut():
+    # 2 layers x 4 heads; reference heads (0, 0), (0, 1), (1, 0)
+    scores = np.array([[9.0, 2.0, 1.0, 1.0], [8.0, 7.0, 1.0, 1.0]])
+    reference = {(0, 0), (0, 1), (1, 0)}
+    # cuts: >= 8 -> TPR 2/3, TNR 1; >= 7 -> 2/3, 4/5; >= 2 -> 1, 4/5; >= 1 -> 1, 0
+    harmonic = evaluate_ranking(scores, reference, "harmonic")
+    assert harmonic["balanced_threshold"] == 2.0 and harmonic["balanced_size"] == 4
+    youden = evaluate_ranking(scores, reference, "youden")
+    # TPR - FPR: 2/3 at >= 8, 0.8 at >= 2: the same cut here
+    assert youden["balanced_threshold"] == 2.0
+    # where they differ: ranked N N P N N N N P N N N N (2 reference heads, 10 others)
+    scores = np.arange(12.0, 0.0, -1.0).reshape(3, 4)
+    reference = {(0, 2), (1, 3)}
+    # cut >= 10: TPR 1/2, TNR 8/10 (harmonic 0.615, TPR - FPR 0.3);
+    # cut >= 5: TPR 1, TNR 4/10 (harmonic 0.571, TPR - FPR 0.4)
+    harmonic = evaluate_ranking(scores, reference)  # the default rule
+    assert harmonic["balanced_threshold"] == 10.0 and harmonic["balanced_size"] == 3
+    youden = evaluate_ranking(scores, reference, "youden")
+    assert youden["balanced_threshold"] == 5.0 and youden["balanced_size"] == 8
