@@ -1563,7 +1563,7 @@ def _queued_runs(store, max_queued: int, no_workers: bool):
     """With PostgreSQL, runs go to the queue in the database (and, unless
     `no_workers`, a worker thread here takes them); with SQLite, None: this
     process's threads take them as they always did."""
-    from .runqueue.backend import QueuedRuns, is_queue_url
+    from .storage.runqueue.backend import QueuedRuns, is_queue_url
 
     if not is_queue_url(store.url):
         if no_workers:
@@ -1573,7 +1573,7 @@ def _queued_runs(store, max_queued: int, no_workers: bool):
             )
         return None
     from .core.models import ModelPool
-    from .runqueue.worker import QueueWorker
+    from .storage.runqueue.worker import QueueWorker
 
     registry = kit.registry()
     queued = QueuedRuns(
@@ -1702,9 +1702,9 @@ def worker_command(
     import signal
     import threading
 
-    from .runqueue.backend import connection_info
-    from .runqueue.worker import QueueWorker
     from .storage.db import database_url
+    from .storage.runqueue.backend import connection_info
+    from .storage.runqueue.worker import QueueWorker
     from .storage.store import Store
 
     if max_attempts < 1:
@@ -1769,7 +1769,7 @@ def runs_submit(
     Follow it with `headscope runs wait ID`. With SQLite, use `headscope run`."""
     from .core import jobs
     from .core.analysis import FindingsReader
-    from .runqueue.backend import connection_info, enqueue, sync_app
+    from .storage.runqueue.backend import connection_info, enqueue, sync_app
 
     _check_format(format, ("table", "json"))
     registry = kit.registry()

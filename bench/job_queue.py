@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from headscope.core import jobs  # noqa: E402
 from headscope.core.plugins import build_registry  # noqa: E402
-from headscope.runqueue.backend import enqueue, sync_app  # noqa: E402
+from headscope.storage.runqueue.backend import enqueue, sync_app  # noqa: E402
 from headscope.storage.store import Store  # noqa: E402
 
 from helpers.postgres import Cluster  # noqa: E402
@@ -104,7 +104,7 @@ def submit(url: str, count: int) -> None:
 def running_owners(url: str, kills_per_run: int) -> set[int]:
     """Process ids of the workers running a run now that was killed fewer than
     `kills_per_run` times (the bench measures recovery; giving up after the last
-    attempt is tested in tests/runqueue)."""
+    attempt is tested in tests/storage/runqueue)."""
     query = text(
         "SELECT r.owner_pid FROM runs r JOIN headscope_queue.procrastinate_jobs j "
         "ON j.id = r.queue_job WHERE r.status = 'running' AND j.attempts < :kills"

@@ -28,11 +28,11 @@ from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from ..core import jobs
-from ..core.errors import HeadscopeError
-from ..core.models import ModelPool
-from ..core.runs import FINISHED
-from ..core.workers import settle_heap
+from ...core import jobs
+from ...core.errors import HeadscopeError
+from ...core.models import ModelPool
+from ...core.runs import FINISHED
+from ...core.workers import settle_heap
 from .backend import DEFAULT_MAX_ATTEMPTS, TASK_NAME, connection_info, ensure_schema, queue_for
 
 log = logging.getLogger("headscope.worker")

@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlalchemy import make_url
 
-from ..core import jobs
-from ..core.analysis import FindingsReader
-from ..core.errors import HeadscopeError, InvalidParamsError
-from ..core.workers import QueueFullError
+from ...core import jobs
+from ...core.analysis import FindingsReader
+from ...core.errors import HeadscopeError, InvalidParamsError
+from ...core.workers import QueueFullError
 
 log = logging.getLogger("headscope.queue")
 
@@ -166,13 +166,13 @@ class QueuedRuns:
             self.app.job_manager.cancel_job_by_id(job_id)
         return status
 
-    def load(self, model_name: str) -> Any:
+    def load(self, model_name: str, placement: Any = None) -> Any:
         if self.pool is None:
             raise HeadscopeError(
                 "this front end loads no models (serve --no-workers): "
                 "runs load theirs on `headscope worker` processes"
             )
-        return self.pool.get(model_name)
+        return self.pool.get(model_name, placement=placement)
 
     def pending(self, model_name: str) -> list[int]:
         return self.store.run_ids(model=model_name, statuses=("queued", "running"))
