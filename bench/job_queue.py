@@ -168,7 +168,10 @@ def faults(
             "SELECT count(*) FROM runs r WHERE (SELECT count(*) FROM run_metrics m "
             "WHERE m.run_id = r.id AND m.name = 'max_induction') <> 1",
         ),
-        "retries": scalar(url, "SELECT sum(attempts) FROM headscope_queue.procrastinate_jobs"),
+        "attempts": scalar(url, "SELECT sum(attempts) FROM headscope_queue.procrastinate_jobs"),
+        "retries": scalar(
+            url, "SELECT sum(attempts) - count(*) FROM headscope_queue.procrastinate_jobs"
+        ),
     }
 
 
@@ -216,7 +219,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
     parser.add_argument(
-        "--kill-every", type=float, default=5.0, help="seconds between kills (of a worker mid-run)"
+        "--kill-every", type=float, default=2.0, help="seconds between kills (of a worker mid-run)"
     )
     parser.add_argument(
         "--kills-per-run", type=int, default=2, help="most times one run's worker is killed"
