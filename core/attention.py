@@ -144,3 +144,18 @@ def masked_logits(
         rows = torch.arange(q_len, device=query.device).expand(b, q_len)
     logits = attention_logits(query, key, scaling, rows, softcap=softcap)
     return logits + mask_rows(mask, rows, q_len, key.shape[2], torch.float32, sliding_window)
+
+
+def streaming_keys(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, sink: int, window: int
+) -> torch.Tensor:
+    """Which keys a streaming head keeps (StreamingLLM, RazorAttention, DuoAttention):
+    bool [..., q, k] for token positions [..., q] and [..., k] of one sequence.
+
+    A query keeps the first `sink` tokens and the `window` most recent ones (itself
+    included), causally. Positions count real tokens from 0; padding is negative and
+    never kept.
+    """
+    query = query_positions[..., :, None]
+    key = key_positions[..., None, :]
+    return (key >= 0) & (key <= query) & ((key < sink) | (key > query - window))
