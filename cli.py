@@ -608,7 +608,9 @@ def runs_export(
     format: str = FormatOption(
         "json",
         "csv (head scores, a row each), wide-csv (a layers x heads matrix per metric), "
-        "parquet (head scores, a row each; needs -o) or json (everything).",
+        "parquet (head scores, a row each; needs -o), json (everything), or for a "
+        "kv-cache-plan run kv-plan (its plan as DuoAttention's full_attention_heads.tsv) "
+        "or kv-plan-json (the plan as JSON).",
     ),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Write here instead of stdout."
@@ -618,13 +620,17 @@ def runs_export(
     ),
     db: str | None = DbOption(),
 ) -> None:
-    """Export a run's findings as CSV, wide CSV, Parquet or JSON."""
+    """Export a run's findings as CSV, wide CSV, Parquet or JSON, or a kv-cache-plan
+    run's plan for a serving engine."""
     from .core.runs import run_document
     from .storage.export import head_scores_csv, head_scores_wide_csv, write_head_scores_parquet
 
-    _check_format(format, ("csv", "wide-csv", "parquet", "json"))
-    if format == "json" and metric is not None:
+    _check_format(format, ("csv", "wide-csv", "parquet", "json", *KV_PLAN_FORMATS))
+    if format in ("json", *KV_PLAN_FORMATS) and metric is not None:
         raise InvalidParamsError("--metric applies to the csv, wide-csv and parquet formats")
+    if format in KV_PLAN_FORMATS:
+        _export_kv_plan(kit.store(db, mode="read"), run_id, format, output)
+        return
     if format == "parquet":
         if output is None:
             raise InvalidParamsError("--format parquet writes a file: give -o FILE")
@@ -644,6 +650,23 @@ def runs_export(
         sys.stdout.write(text)
     else:
         output_file(output, "export file").write_text(text)
+        err_console.print(f"wrote {output}")
+
+
+#: `runs export` formats of a kv-cache-plan run's plan
+KV_PLAN_FORMATS = ("kv-plan", "kv-plan-json")
+
+
+def _export_kv_plan(store, run_id: int, format: str, output: Path | None) -> None:
+    from .plugins.retrieval_heads.kv_plan_analysis import PLAN_JSON, PLAN_TSV, KVCachePlan
+    from .storage.export import stored_artifact
+
+    name = PLAN_TSV if format == "kv-plan" else PLAN_JSON
+    data = stored_artifact(store, run_id, KVCachePlan.name, name)
+    if output is None:
+        sys.stdout.write(data.decode())
+    else:
+        output_file(output, "export file").write_bytes(data)
         err_console.print(f"wrote {output}")
 
 

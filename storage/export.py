@@ -82,3 +82,20 @@ def _scores(store: Any, run_id: int, metric: str | None) -> list[dict[str, Any]]
                 + (", ".join(available) or "none")
             )
     return store.head_scores(run_id, metric)
+
+
+def stored_artifact(store: Any, run_id: int, analysis: str, name: str) -> bytes:
+    """The bytes of artifact `name` of a run of `analysis` (e.g. a kv-cache-plan run's
+    kv_plan.tsv), with a clear error for a run of another analysis or without it."""
+    run = store.get_run(run_id)  # raises for an unknown run
+    if run.analysis != analysis:
+        raise InvalidParamsError(
+            f"run {run_id} is a {run.analysis} run; this format exports {analysis} runs"
+        )
+    found = [a for a in store.artifacts(run_id) if a["name"] == name]
+    if not found:
+        raise InvalidParamsError(f"run {run_id} ({run.status}) has no {name}")
+    try:
+        return Path(found[0]["path"]).read_bytes()
+    except OSError as error:
+        raise HeadscopeError(f"run {run_id}'s {name} cannot be read: {error}") from None
