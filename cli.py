@@ -183,6 +183,20 @@ def DeviceMapOption():  # noqa: N802
     )
 
 
+def use_default_placement(device: str | None, dtype: str | None) -> None:
+    """Make --device / --dtype this process's default for every model it loads
+    (requests that name their own placement keep it). Checked now, so a server or
+    worker with an unavailable device stops before it listens or takes a run."""
+    import os
+
+    from .core.devices import DEVICE_ENV, DTYPE_ENV, resolve_placement
+
+    resolve_placement(device, dtype)
+    for name, value in ((DEVICE_ENV, device), (DTYPE_ENV, dtype)):
+        if value is not None:
+            os.environ[name] = value
+
+
 class CommandKit:
     """What every command works with, built once per invocation: the plugin
     registry, the store, model loading with a progress bar, and output helpers.
@@ -1501,6 +1515,8 @@ def serve_command(
         help="Announce the address and shutdown as a line on stderr (table) or a JSON "
         "line on stdout (json; on stderr with --stdio)."
     ),
+    device: str | None = DeviceOption(),
+    dtype: str | None = DtypeOption(),
     db: str | None = DbOption(),
 ) -> None:
     """Serve the JSON-RPC API (see docs/rpc.md) and, over HTTP, the web dashboard at /
@@ -1513,6 +1529,7 @@ def serve_command(
     from .core.rpc import serve
 
     _check_format(format, ("table", "json"))
+    use_default_placement(device, dtype)
     if not 0 <= port <= 65535:
         raise InvalidParamsError(f"--port {port} is not a TCP port (0-65535)")
     if max_request_bytes < 1024:
@@ -1637,6 +1654,8 @@ def mcp_command(
         help="Announce the address and shutdown as a line on stderr (table) or, with "
         "--http, a JSON line on stdout (json)."
     ),
+    device: str | None = DeviceOption(),
+    dtype: str | None = DtypeOption(),
     db: str | None = DbOption(),
 ) -> None:
     """Serve MCP for LLM agents (see docs/mcp.md): on stdin/stdout until end of input,
@@ -1646,6 +1665,7 @@ def mcp_command(
     from .core.rpc.serve import default_torch_threads
 
     _check_format(format, ("table", "json"))
+    use_default_placement(device, dtype)
     if torch_threads is not None and torch_threads < 1:
         raise InvalidParamsError("--torch-threads must be at least 1")
     if not 0 <= port <= 65535:
@@ -1717,6 +1737,8 @@ def worker_command(
         help="On SIGTERM or Ctrl-C, seconds to let the run in flight finish; after "
         "that the worker exits and the run is retried by another worker.",
     ),
+    device: str | None = DeviceOption(),
+    dtype: str | None = DtypeOption(),
     db: str | None = DbOption(),
 ) -> None:
     """Take queued runs from a PostgreSQL database and run them, until SIGTERM or Ctrl-C."""
@@ -1730,6 +1752,7 @@ def worker_command(
     from .storage.runqueue.worker import QueueWorker
     from .storage.store import Store
 
+    use_default_placement(device, dtype)
     if max_attempts < 1:
         raise InvalidParamsError("--max-attempts must be at least 1")
     if heartbeat <= 0:

@@ -27,7 +27,9 @@ The submodules, each importing only those before it:
 - `reads`: interventions that only read (attention rows and scores, head outputs);
 - `run`: `forward`, `generate` and what they return;
 - `sinks`: attention sinks as ACT finds them (`find_sinks`, `prompt_sinks`), for
-  `SinkCalibration`.
+  `SinkCalibration`;
+- `streaming`: `StreamingHeads`, KV heads that keep only sink tokens and a recent
+  window (how a KV-cache plan is applied).
 
 Import from this package; the split is not part of the interface.
 """
@@ -60,6 +62,7 @@ from .run import (
 )
 from .sinks import find_sinks, prompt_sinks, sink_mask
 from .sites import AttentionCall, HeadOutputSite, Intervention, Plan
+from .streaming import StreamingHeads
 
 __all__ = [
     "AttentionBias",
@@ -80,6 +83,7 @@ __all__ = [
     "RowHeadPatch",
     "SinkCalibration",
     "Steps",
+    "StreamingHeads",
     "UniformAttention",
     "check_heads",
     "check_layers",

@@ -36,6 +36,10 @@ class AttentionCall:
         return self.args[2]
 
     @property
+    def value(self) -> torch.Tensor:
+        return self.args[3]
+
+    @property
     def mask(self) -> torch.Tensor | None:
         return self.args[4] if len(self.args) > 4 else self.kwargs.get("attention_mask")
 

@@ -189,3 +189,25 @@ def test_from_pretrained_gets_the_placement():
     }
     sharded = _from_pretrained_placement(Placement("cuda:0", "bfloat16", "auto"))
     assert sharded == {"dtype": torch.bfloat16, "device_map": "auto"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["mcp"], ["worker"]])
+def test_servers_refuse_an_unavailable_device_before_they_start(capsys, tmp_path, command):
+    db = tmp_path / "none.db"
+    result = run_cli(capsys, *command, "--device", "cuda:1", "--db", db)
+    assert result.code != 0 and "'cuda:1' is not available" in result.err
+    assert not db.exists()
+    result = run_cli(capsys, *command, "--dtype", "float64", "--db", db)
+    assert result.code != 0 and "unknown dtype 'float64'" in result.err
+
+
+def test_a_servers_device_and_dtype_become_its_default(monkeypatch):
+    from headscope.cli import use_default_placement
+    from headscope.core.devices import DEVICE_ENV, DTYPE_ENV
+
+    monkeypatch.setenv(DEVICE_ENV, "auto")  # recorded, so restored after the test
+    monkeypatch.setenv(DTYPE_ENV, "auto")
+    use_default_placement("cpu", "bfloat16")
+    assert resolve_placement() == Placement("cpu", "bfloat16")
+    assert resolve_placement(dtype="float32") == Placement("cpu", "float32")  # a request's own

@@ -9,6 +9,7 @@ attention function registered with transformers.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -239,3 +240,82 @@ def assert_rows_match_eager(handle, text: str, layers: list[int], positions: lis
         torch.testing.assert_close(
             ours.get("rows", layer)[0], ref[layer][0][:, cols], atol=1e-4, rtol=0
         )
+
+
+# ---------------------------------------------------------------------------------
+# Streaming reference: eager attention with each streaming head's keys written out
+# ---------------------------------------------------------------------------------
+#: layer -> {"heads": query heads, "sink", "window", "pads": per row, "compensate"}
+STREAM_SPEC: dict = {}
+
+
+def _streaming_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Full-sequence eager attention (no cache: query i is key i); streaming heads keep
+    keys real position < sink or > query - window, and with `compensate` one extra
+    key/value, the mean of the dropped keys the model's mask allows, weighted by count."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1).float()
+    value = value.repeat_interleave(groups, dim=1).float()
+    query = query.float()
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    allowed = torch.ones_like(weights, dtype=torch.bool)
+    if attention_mask is not None:
+        allowed = (attention_mask == 0).expand_as(weights).clone()
+    minimum = torch.finfo(weights.dtype).min  # padded query rows stay finite
+    out = torch.matmul(torch.softmax(weights.masked_fill(~allowed, minimum), -1), value)
+    spec = STREAM_SPEC.get(module.layer_idx)
+    if spec is not None:
+        n = weights.shape[2]
+        assert n == weights.shape[3], "the reference runs without a cache"
+        for b, pad in enumerate(spec["pads"]):
+            for h in spec["heads"]:
+                for i in range(pad, n):
+                    q_pos = i - pad
+                    kept, dropped = [], []
+                    for j in range(pad, i + 1):
+                        if not allowed[b, h, i, j]:
+                            continue
+                        k_pos = j - pad
+                        if k_pos < spec["sink"] or k_pos > q_pos - spec["window"]:
+                            kept.append(j)
+                        else:
+                            dropped.append(j)
+                    logits = weights[b, h, i, kept]
+                    values = value[b, h, kept]
+                    if spec["compensate"] and dropped:
+                        k_mean = key[b, h, dropped].mean(0)
+                        extra = (query[b, h, i] @ k_mean) * scaling
+                        if softcap is not None:
+                            extra = torch.tanh(extra / softcap) * softcap
+                        logits = torch.cat([logits, (extra + math.log(len(dropped)))[None]])
+                        values = torch.cat([values, value[b, h, dropped].mean(0)[None]])
+                    out[b, h, i] = torch.softmax(logits, -1) @ values
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("hs_reference_streaming", _streaming_eager)
+AttentionMaskInterface.register("hs_reference_streaming", eager_mask)
+
+
+def streaming_model(family: str) -> torch.nn.Module:
+    return build_tiny_model(family, attn_implementation="hs_reference_streaming")
+
+
+def greedy_without_cache(model, input_ids, attention_mask, steps: int):
+    """Greedy decoding that reruns the whole sequence each step: every token is a
+    prefill query, so a reference attention needs no cache bookkeeping. Returns the
+    generated ids [b, steps] and the last-position logits of every step."""
+    ids, mask, logits = input_ids, attention_mask, []
+    with torch.no_grad():
+        for _ in range(steps):
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            last = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[
+                :, -1
+            ]
+            logits.append(last)
+            ids = torch.cat([ids, last.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids[:, input_ids.shape[1] :], torch.stack(logits, 1)
