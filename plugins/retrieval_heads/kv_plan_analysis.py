@@ -650,16 +650,16 @@ class KVCachePlan(Analysis):
                 (s for s in here.values() if s.kind == params.method and s.budget is not None),
                 key=lambda s: s.budget,
             )
-            found = next((s for s in swept if np.mean(s.accuracy) >= 0.9 * full), None)
+            # with no needle found by the full cache there is nothing to keep 90% of
+            found = next((s for s in swept if full > 0 and np.mean(s.accuracy) >= 0.9 * full), None)
             row = {
                 "tokens": length,
                 "full acc": round(full, 3),
                 "streaming acc": round(streaming, 3),
             }
             if found is None:
-                row.update(
-                    {"smallest budget": "none swept", f"{params.method} acc": "", "random acc": ""}
-                )
+                none = "full cache finds no needle" if full == 0 else "none swept"
+                row.update({"smallest budget": none, f"{params.method} acc": "", "random acc": ""})
             else:
                 random = here[f"random_{_budget_name(found.budget)}_{length}"]
                 finding.add_metric(f"min_budget_90pct_{length}", found.budget)
