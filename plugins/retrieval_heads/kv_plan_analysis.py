@@ -22,7 +22,7 @@ The evaluation runs out of sample, on the held-out needles and haystack text of
 this family (`data/heldout/`, never used for retrieval scores): needle accuracy
 (ROUGE-1 recall of the answer) and perplexity of the last `ppl_tokens` tokens of
 long neutral prose, at each of `eval_lengths`, for the full cache, all-streaming
-(StreamingLLM), the chosen plan, and at each budget of `eval_budgets` (fractions
+(StreamingLLM), the chosen plan (`eval_plan`), and at each budget of `eval_budgets` (fractions
 of the full cache) the method's plan and a random plan with as many full heads.
 """
 
@@ -140,6 +140,11 @@ class KVPlanParams(BaseModel):
         [0.1, 0.2, 0.3, 0.5],
         description="Budgets swept in the evaluation, as fractions of the full KV cache "
         "([] evaluates the chosen plan only).",
+    )
+    eval_plan: bool = Field(
+        True,
+        description="Also evaluate the chosen plan and a random plan with as many full heads "
+        "at each eval length (false: the budget sweep only).",
     )
     random_draws: int = Field(
         1, ge=1, le=20, description="Random plans per budget (accuracies are averaged)."
@@ -496,12 +501,17 @@ class KVCachePlan(Analysis):
                     [self._plan(handle, params, none, "streaming")],
                 )
             )
-            settings.append(_Setting(f"plan_{length}", length, "plan", None, [plan]))
-            settings.append(
-                _Setting(
-                    f"plan_random_{length}", length, "plan-random", None, randoms(plan.full_heads)
+            if params.eval_plan:
+                settings.append(_Setting(f"plan_{length}", length, "plan", None, [plan]))
+                settings.append(
+                    _Setting(
+                        f"plan_random_{length}",
+                        length,
+                        "plan-random",
+                        None,
+                        randoms(plan.full_heads),
+                    )
                 )
-            )
             for budget in params.eval_budgets:
                 try:
                     k = self._full_heads(params, handle, budget, length)

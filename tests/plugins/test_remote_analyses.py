@@ -49,6 +49,17 @@ def small_params(analysis: str, task: str) -> dict:
             "random_draws": 1,
             "max_new_tokens": 4,
         },
+        "kv-cache-plan": {
+            "method": "random",
+            "budget": 2,
+            "eval_lengths": [300],
+            "eval_depths": [50],
+            "eval_budgets": [0.5],
+            "sink": 4,
+            "window": 16,
+            "max_new_tokens": 2,
+            "ppl_tokens": 16,
+        },
         "head-patching": {"task": task},
         "sae-circuit": {
             "task": task,
@@ -72,6 +83,7 @@ def small_params(analysis: str, task: str) -> dict:
 BUILT_IN = (
     "head-detector",
     "retrieval-heads",
+    "kv-cache-plan",
     "head-patching",
     "sae-circuit",
     "context-heads",
