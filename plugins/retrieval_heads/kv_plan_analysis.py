@@ -200,6 +200,8 @@ class KVPlanParams(BaseModel):
             raise ValueError("method random needs budget or budget_fraction")
         if self.from_run is not None and self.method not in ("retrieval", "razor"):
             raise ValueError(f"method {self.method} scores heads itself: from_run does not apply")
+        if self.score_params and self.method not in ("retrieval", "razor"):
+            raise ValueError(f"method {self.method} has no scoring run: score_params do not apply")
         if self.from_run is not None and self.score_params:
             raise ValueError("score_params apply to a scoring run made here, not with from_run")
         if self.duo and self.method != "duo":
