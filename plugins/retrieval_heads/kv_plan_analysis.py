@@ -237,6 +237,7 @@ class _Setting:
     plans: list[KVPlan]
     accuracy: list[float] = field(default_factory=list)
     perplexity: list[float] = field(default_factory=list)
+    responses: list[list[dict]] = field(default_factory=list)  # per plan, per test
 
 
 class KVCachePlan(Analysis):
@@ -558,6 +559,7 @@ class KVCachePlan(Analysis):
         per_plan = max(len(t) for t in tests.values()) + (1 if params.ppl_tokens else 0)
         total = len(distinct) * per_plan
         results: dict[tuple[int, tuple], tuple[float, float]] = {}
+        records: dict[tuple[int, tuple], list[dict]] = {}
         for index, ((length, key), plan) in enumerate(distinct.items()):
             done = index * per_plan
             label = f"{length} tokens, {plan.full_heads} full KV heads ({plan.method})"
@@ -573,14 +575,21 @@ class KVCachePlan(Analysis):
                     done + finished, total, label
                 ),
             )
-            accuracy = float(
-                np.mean(
-                    [
-                        rouge1_recall(t.needle.answer, r)
-                        for t, r in zip(tests[length], responses, strict=True)
-                    ]
-                )
-            )
+            rouges = [
+                rouge1_recall(t.needle.answer, r)
+                for t, r in zip(tests[length], responses, strict=True)
+            ]
+            accuracy = float(np.mean(rouges))
+            records[(length, key)] = [
+                {
+                    "needle": test.needle_index,
+                    "depth": test.depth,
+                    "answer": test.needle.answer,
+                    "response": response,
+                    "rouge1_recall": round(rouge, 4),
+                }
+                for test, response, rouge in zip(tests[length], responses, rouges, strict=True)
+            ]
             ppl = (
                 perplexity(handle, prose[:length], params.ppl_tokens, items)
                 if params.ppl_tokens
@@ -592,6 +601,7 @@ class KVCachePlan(Analysis):
                 accuracy, ppl = results[(setting.length, plan.full)]
                 setting.accuracy.append(accuracy)
                 setting.perplexity.append(ppl)
+                setting.responses.append(records[(setting.length, plan.full)])
 
     @staticmethod
     def _generate(handle, tests: list[NeedleTest], params, stops, items) -> list[str]:
@@ -633,6 +643,15 @@ class KVCachePlan(Analysis):
                 }
             )
         finding.summary.setdefault("tables", {})["evaluation (held-out needles)"] = rows
+        finding.add_json(
+            "tests.json",
+            [
+                {"setting": s.label, "draw": draw, "full_heads": plan.full_heads, "tests": tests}
+                for s in settings
+                for draw, (plan, tests) in enumerate(zip(s.plans, s.responses, strict=True))
+            ],
+            "each setting's responses to the held-out needle tests",
+        )
         finding.summary["plan"] = {
             "method": plan.method,
             "full KV heads": f"{plan.full_heads} of {plan.n_layers * plan.n_kv_heads}",

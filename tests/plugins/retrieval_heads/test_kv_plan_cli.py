@@ -84,7 +84,14 @@ def test_plan_from_a_stored_run_evaluated_and_exported(capsys, tmp_path):
     assert metrics["retrieval_b50_300.full_heads"] == metrics["random_b50_300.full_heads"] == 2
     assert metrics["retrieval_b50_300.kv_fraction"] <= 0.5
     names = {a["name"] for a in document["artifacts"]}
-    assert {"kv_plan.json", "kv_plan.tsv", "kv_plan_accuracy.png"} <= names
+    assert {"kv_plan.json", "kv_plan.tsv", "kv_plan_accuracy.png", "tests.json"} <= names
+    tests = json.loads(
+        Path(
+            next(a["path"] for a in document["artifacts"] if a["name"] == "tests.json")
+        ).read_text()
+    )
+    assert {row["setting"] for row in tests} >= {"full_300", "streaming_300", "random_b50_300"}
+    assert all(len(row["tests"]) == 4 and "response" in row["tests"][0] for row in tests)
 
     shown = run_cli(capsys, "runs", "show", str(run_id), "--db", db)
     assert shown.code == 0 and "evaluation (held-out needles)" in shown.out
