@@ -639,7 +639,7 @@ class KVCachePlan(Analysis):
                     "KV cache": round(values["kv_fraction"], 3),
                     "KV MiB": round(kv / 2**20, 2),
                     "needle acc": round(values["needle_accuracy"], 3),
-                    "ppl": round(values["perplexity"], 3),
+                    "ppl": round(values["perplexity"], 3) if params.ppl_tokens else "",
                 }
             )
         finding.summary.setdefault("tables", {})["evaluation (held-out needles)"] = rows
