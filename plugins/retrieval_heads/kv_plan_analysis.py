@@ -134,7 +134,7 @@ class KVPlanParams(BaseModel):
         [2000], description="Context lengths (tokens) of the evaluation; up to the model's maximum."
     )
     eval_depths: list[float] = Field(
-        [25, 75], description="Needle depths of the evaluation, percent of the haystack."
+        [50], description="Needle depths of the evaluation, percent of the haystack."
     )
     eval_budgets: list[float] = Field(
         [0.1, 0.2, 0.3, 0.5],
