@@ -63,9 +63,9 @@ class DuoSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(60, ge=1, le=100_000, description="Optimisation steps.")
+    steps: int = Field(40, ge=1, le=100_000, description="Optimisation steps.")
     length: int = Field(
-        1024, ge=1, description="Tokens of each synthetic passkey prompt (at most the model's)."
+        768, ge=1, description="Tokens of each synthetic passkey prompt (at most the model's)."
     )
     batch_size: int = Field(1, ge=1, le=64, description="Passkey prompts per step.")
     sink: int = Field(16, ge=0, description="Sink tokens a streaming head keeps during training.")
@@ -79,14 +79,14 @@ class DuoSettings(BaseModel):
         0.05, ge=0, description="Weight of the L1 penalty (mean gate) that pulls gates to 0."
     )
     lr: float = Field(
-        0.05,
+        0.1,
         gt=0,
         le=1,
         description="Peak learning rate of the gates (Adam); steps x lr should exceed 1 so "
         "that a gate can travel from full to streaming.",
     )
     passkeys: int = Field(
-        4, ge=1, le=len(ORDINALS), description="Passkeys hidden in each prompt, asked in order."
+        3, ge=1, le=len(ORDINALS), description="Passkeys hidden in each prompt, asked in order."
     )
     passkey_words: int = Field(8, ge=1, le=64, description="Words of each passkey.")
 
@@ -162,7 +162,7 @@ class PasskeyPrompts:
         intro, needles, answers = self._pieces(passkeys)
         budget = settings.length - len(intro) - sum(map(len, needles)) - len(answers)
         if budget < 1:
-            raise InvalidParamsError(self._no_room())
+            raise self.no_room()
         haystack = self._haystack(rng, budget)
         depths = np.sort(rng.uniform(*DEPTHS, size=settings.passkeys))
         cuts = sorted(self._sentence_end_before(haystack, int(d * budget)) for d in depths)
@@ -193,9 +193,14 @@ class PasskeyPrompts:
                 return position
         return target
 
-    def _no_room(self) -> str:
+    def check_room(self) -> None:
+        """Every prompt must have room for haystack text, whatever words are drawn."""
+        if self.frame_tokens() >= self.settings.length:
+            raise self.no_room()
+
+    def no_room(self) -> InvalidParamsError:
         s = self.settings
-        return (
+        return InvalidParamsError(
             f"length {s.length} leaves no room for haystack text: {s.passkeys} passkeys of "
             f"{s.passkey_words} words, their questions and answers take up to "
             f"{self.frame_tokens()} tokens"
@@ -342,9 +347,7 @@ def check_settings(handle: ModelHandle, settings: DuoSettings) -> None:
             f"DuoAttention gates train on a local model; {handle.name} runs remotely"
         )
     handle.check_length(settings.length, "a DuoAttention passkey prompt")
-    prompts = PasskeyPrompts(handle.tokenizer, load_haystack()[:1], settings)
-    if prompts.frame_tokens() >= settings.length:
-        raise InvalidParamsError(prompts._no_room())
+    PasskeyPrompts(handle.tokenizer, [], settings).check_room()
 
 
 def lr_factor(step: int, steps: int) -> float:
