@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +41,15 @@ class PatchingResult:
     clean: torch.Tensor  # [n] metric on the clean prompts
     corrupted: torch.Tensor  # [n] metric on the corrupted prompts
     forward_passes: int
+
+
+class PairOutcome(NamedTuple):
+    """One pair's metric, clean and corrupted, and per direction its change [heads]
+    when each head (in `handle.heads()` order) is patched."""
+
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    changes: dict[str, torch.Tensor]
 
 
 def repeat_batch(batch: Batch, copies: int) -> Batch:
@@ -71,8 +81,7 @@ def patch_every_head(
     finished = 0  # pairs whose chunk is done
     passes = 0
 
-    def run_chunk(pairs: list[TaskPair]) -> list[tuple[float, float, dict[str, torch.Tensor]]]:
-        """Per pair: clean and corrupted metric, and each direction's change per head."""
+    def run_chunk(pairs: list[TaskPair]) -> list[PairOutcome]:
         nonlocal passes
         chunk = data.with_pairs(pairs)
         size = len(chunk)
@@ -121,7 +130,7 @@ def patch_every_head(
             )
             changes[direction] = torch.stack(per_head).T  # [size, heads]
         return [
-            (
+            PairOutcome(
                 metrics["clean"][row],
                 metrics["corrupted"][row],
                 {d: c[row] for d, c in changes.items()},
@@ -146,10 +155,11 @@ def patch_every_head(
     n = len(data)
     return PatchingResult(
         effects={
-            d: (torch.stack([p[2][d] for p in per_pair]).sum(0) / n).view(shape) for d in directions
+            d: (torch.stack([p.changes[d] for p in per_pair]).sum(0) / n).view(shape)
+            for d in directions
         },
-        clean=torch.stack([p[0] for p in per_pair]),
-        corrupted=torch.stack([p[1] for p in per_pair]),
+        clean=torch.stack([p.clean for p in per_pair]),
+        corrupted=torch.stack([p.corrupted for p in per_pair]),
         forward_passes=passes,
     )
 
@@ -177,14 +187,10 @@ def attribute_every_head(
             handle, chunk.corrupted_batch(handle), [HeadOutputs(layers)], logits_at=None
         )
         valid = clean_batch.valid()[:, :, None, None].float()
-        per_layer = [
-            (
-                (corrupted.get("heads", layer) - grads.activations[layer])
-                * grads.gradients[layer]
-                * valid
-            ).sum(dim=(1, 3))
-            for layer in layers
-        ]  # each [b, H]
+        per_layer = []
+        for layer in layers:
+            diff = corrupted.get("heads", layer) - grads.activations[layer]
+            per_layer.append((diff * grads.gradients[layer] * valid).sum(dim=(1, 3)))  # [b, H]
         return list(torch.stack(per_layer, dim=1))  # per pair: [L, H]
 
     def report(done: int, total: int) -> None:

@@ -111,38 +111,38 @@ def assert_same_scores(ours, theirs):
         assert ours[key] == pytest.approx(value, abs=1e-4), key
 
 
+# small: one short training, the reference computed here by head-patching
+SAE_PARAMS = {
+    "reference": "auto",
+    "reference_top_k": 3,
+    "steps": 20,
+    "seeds": 1,
+    "train_prompts": 4,
+}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "analysis,params",
     [
         ("head-patching", []),
-        (
-            "sae-circuit",
-            [
-                "-p",
-                "reference_top_k=3",
-                "-p",
-                "steps=20",
-                "-p",
-                "seeds=1",
-                "-p",
-                "train_prompts=4",
-                "-p",
-                "reference=auto",
-            ],
-        ),
+        ("sae-circuit", [f"{name}={value}" for name, value in SAE_PARAMS.items()]),
     ],
 )
 def test_a_run_under_any_budget_or_out_of_memory_stores_the_same_findings(
     capsys, tmp_path, task_file, monkeypatch, analysis, params
 ):
     db = str(tmp_path / "c.db")
-    args = [analysis, "-p", f"task=jsonl:{task_file}", *params]
+    args = [analysis, "-p", f"task=jsonl:{task_file}"]
+    for param in params:
+        args += ["-p", param]
+    modules = (tasks, patching, head_results)
     default = stored(capsys, db, *args)
+    sizes = [short_of_memory(monkeypatch, module, "forward", rows=10**6) for module in modules]
     assert_same_scores(stored(capsys, db, *args, "--max-memory", "1"), default)
-    sizes = [
-        short_of_memory(monkeypatch, module, "forward", rows=1)
-        for module in (tasks, patching, head_results)
-    ]
+    assert {size for seen in sizes for size in seen} == {1}  # the run's budget reached every pass
+    monkeypatch.undo()
+    sizes = [short_of_memory(monkeypatch, module, "forward", rows=1) for module in modules]
     assert_same_scores(stored(capsys, db, *args), default)
     assert max(sizes[0]) > 1 and max(sizes[1]) > 1
     assert max(sizes[2], default=0) > 1 or analysis == "head-patching"
