@@ -107,12 +107,6 @@ class TaskData:
         """The same task with these pairs (a batch of them, or a split)."""
         return TaskData(self.task, list(pairs), self.dropped)
 
-    def chunks(self, size: int) -> list[TaskData]:
-        return [
-            TaskData(self.task, self.pairs[i : i + size], self.dropped)
-            for i in range(0, len(self.pairs), size)
-        ]
-
     def clean_batch(self, handle: ModelHandle) -> Batch:
         return make_batch(handle, [p.clean for p in self.pairs])
 
