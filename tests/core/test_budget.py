@@ -115,3 +115,57 @@ def test_one_prompt_that_does_not_fit_is_a_clear_error():
 
     with pytest.raises(OutOfMemoryError, match="one prompt of 8 tokens does not fit"):
         run_batched(handle, [1, 2, 3], never_fits, tokens=lambda _: 8, budget=MemoryBudget(1))
+
+
+def test_an_item_of_several_rows_divides_the_budget_by_its_rows():
+    handle = tiny_handle("llama")
+    row = row_bytes(handle, 32)
+    budget = MemoryBudget(12 * row)
+    assert budget.batch_size(handle, 32, rows_per_item=3) == 4
+    assert budget.batch_size(handle, 32, rows_per_item=24) == 1  # never fewer than one
+    seen = []
+
+    def run(group):
+        seen.append(len(group))
+        return list(group)
+
+    items = list(range(10))
+    out = run_batched(handle, items, run, tokens=lambda _: 32, budget=budget, rows_per_item=3)
+    assert out == items and max(seen) == 4
+
+
+def test_a_nested_batch_that_cannot_shrink_halves_the_outer_batch():
+    handle = tiny_handle("llama")
+    outer_sizes = []
+
+    def inner(rows):
+        # each inner item is as many rows as the outer group: 2 rows fit at most
+        def run(group):
+            if len(group) * rows > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return [rows * item for item in group]
+
+        return run
+
+    def outer(group):
+        outer_sizes.append(len(group))
+        per_item = run_batched(
+            handle, [1, 2, 3], inner(len(group)), tokens=lambda _: 8, rows_per_item=len(group)
+        )
+        return [item + sum(per_item) for item in group]
+
+    items = list(range(8))
+    out = run_batched(handle, items, outer, tokens=lambda _: 8, budget=MemoryBudget(10**12))
+    assert out == [item + 2 * 6 for item in items]  # outer groups of 2 in the end
+    assert outer_sizes == [8, 4, 2, 2, 2, 2]
+
+    def hopeless(group):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(OutOfMemoryError, match="3 prompt rows of 8 tokens does not fit"):
+        run_batched(
+            handle,
+            [0, 1],
+            lambda group: run_batched(handle, [0], hopeless, lambda _: 8, rows_per_item=3),
+            tokens=lambda _: 8,
+        )
