@@ -33,8 +33,10 @@ FREE_MEMORY_SHARE = 0.5
 #: bookkeeping grow with the batch, speed stops growing well before this)
 MAX_BATCH = 64
 #: a prompt joins a batch only if padding it to the batch's longest prompt adds at
-#: most this share of that width (padded tokens cost as much compute as real ones)
+#: most this share of that width (padded tokens cost as much compute as real ones),
+#: or at most PADDING_TOKENS tokens (short prompts: a pass costs more than a few pads)
 MAX_PADDING = 0.1
+PADDING_TOKENS = 16
 
 _UNITS = {
     "": 1,
@@ -170,7 +172,7 @@ def run_batched(
     `tokens(item)` is the item's length in tokens including what will be generated;
     `run_batch(group)` returns one result per item of the group. Longest items come
     first (an out-of-memory error shows at once), and a batch holds items of similar
-    length (`MAX_PADDING`). On out-of-memory the batch size is halved and the same
+    length (`MAX_PADDING`, `PADDING_TOKENS`). On out-of-memory the batch size is halved and the same
     items are tried again; the smaller size is kept for the rest.
     `progress(done, total)` is called after each batch. `rows_per_item`: the prompt
     rows one item puts in the pass (e.g. a head patched into stacked copies of a
@@ -184,7 +186,7 @@ def run_batched(
     while done < len(order):
         width = tokens(items[order[done]])
         size = min(cap, budget.batch_size(handle, width, cap, rows_per_item), len(order) - done)
-        shortest = width * (1 - MAX_PADDING)
+        shortest = min(width * (1 - MAX_PADDING), width - PADDING_TOKENS)
         while size > 1 and tokens(items[order[done + size - 1]]) < shortest:
             size -= 1
         group = order[done : done + size]

@@ -53,20 +53,32 @@ def test_row_estimate_grows_with_tokens_and_budget_sets_batch_size():
 
 def test_batches_follow_the_budget_and_results_keep_the_item_order():
     handle = tiny_handle("llama")
-    items = [30, 10, 50, 20, 40, 50]
+    items = [300, 100, 500, 200, 400, 500]
     seen = []
 
     def run(group):
         seen.append(list(group))
         return [f"r{item}" for item in group]
 
-    budget = MemoryBudget(2 * row_bytes(handle, 50))
+    budget = MemoryBudget(2 * row_bytes(handle, 500))
     out = run_batched(handle, items, run, tokens=lambda n: n, budget=budget)
     assert out == [f"r{item}" for item in items]
-    assert seen[0] == [50, 50]  # longest first, two per batch at 50 tokens
-    assert [40] in seen  # 30 tokens would pad by a quarter: not in 40's batch
+    assert seen[0] == [500, 500]  # longest first, two per batch at 500 tokens
+    assert [400] in seen  # 300 tokens would pad by a quarter: not in 400's batch
     assert sorted(n for group in seen for n in group) == sorted(items)
     assert all(len(group) * row_bytes(handle, max(group)) <= budget.max_bytes for group in seen)
+
+
+def test_short_prompts_a_few_tokens_apart_share_a_batch():
+    handle = tiny_handle("llama")
+    seen = []
+
+    def run(group):
+        seen.append(list(group))
+        return group
+
+    run_batched(handle, [13, 18, 15, 40], run, tokens=lambda n: n, budget=MemoryBudget(10**9))
+    assert seen == [[40], [18, 15, 13]]  # 5 pads on 18 tokens is cheap; 22 on 40 is not
 
 
 def test_an_out_of_memory_batch_is_halved_and_the_run_goes_on():
