@@ -6,7 +6,9 @@ memory the device has free) divided by an estimate of what one prompt row costs:
 its key/value cache, the activations of one layer at a time, the padding mask and
 the float32 attention rows the reads compute. Prompts are grouped by length so
 little is padded. When a batch still runs out of memory, its size is halved and the
-run goes on; a single prompt that does not fit is a clear error.
+run goes on; a single prompt that does not fit is a clear error. An item may cost
+several rows (`rows_per_item`: stacked patched copies of a chunk of prompts), and
+`run_batched` may nest: an inner batch that cannot shrink further halves the outer.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ FREE_MEMORY_SHARE = 0.5
 #: bookkeeping grow with the batch, speed stops growing well before this)
 MAX_BATCH = 64
 #: a prompt joins a batch only if padding it to the batch's longest prompt adds at
-#: most this share of that width (padded tokens cost as much compute as real ones)
+#: most this share of that width (padded tokens cost as much compute as real ones),
+#: or at most PADDING_TOKENS tokens (short prompts: a pass costs more than a few pads)
 MAX_PADDING = 0.1
+PADDING_TOKENS = 16
 
 _UNITS = {
     "": 1,
@@ -74,8 +78,9 @@ def parse_memory(value: str | int | float) -> int:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for the errors torch raises when an allocation fails (CUDA, MPS or CPU)."""
-    if isinstance(error, torch.OutOfMemoryError):
+    """True for the errors torch raises when an allocation fails (CUDA, MPS or CPU),
+    and for a nested `run_batched` whose single item did not fit."""
+    if isinstance(error, (torch.OutOfMemoryError, OutOfMemoryError)):
         return True
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
@@ -143,9 +148,12 @@ class MemoryBudget:
         device, _ = _model_device_and_dtype(handle.hf_model)
         return int(free_memory(device) * FREE_MEMORY_SHARE)
 
-    def batch_size(self, handle: Any, tokens: int, limit: int = MAX_BATCH) -> int:
-        """Prompts of `tokens` tokens that fit at once (at least 1, at most `limit`)."""
-        fits = self.available(handle) // max(row_bytes(handle, tokens), 1)
+    def batch_size(
+        self, handle: Any, tokens: int, limit: int = MAX_BATCH, rows_per_item: int = 1
+    ) -> int:
+        """Items of `rows_per_item` prompt rows of `tokens` tokens that fit at once
+        (at least 1, at most `limit`)."""
+        fits = self.available(handle) // max(row_bytes(handle, tokens) * rows_per_item, 1)
         return int(max(1, min(limit, fits)))
 
 
@@ -157,15 +165,18 @@ def run_batched(
     budget: MemoryBudget | None = None,
     max_batch: int = MAX_BATCH,
     progress: Callable[[int, int], None] | None = None,
+    rows_per_item: int = 1,
 ) -> list[Result]:
     """`run_batch` over batches that fit the budget; results in the order of `items`.
 
     `tokens(item)` is the item's length in tokens including what will be generated;
     `run_batch(group)` returns one result per item of the group. Longest items come
     first (an out-of-memory error shows at once), and a batch holds items of similar
-    length (`MAX_PADDING`). On out-of-memory the batch size is halved and the same
+    length (`MAX_PADDING`, `PADDING_TOKENS`). On out-of-memory the batch size is halved and the same
     items are tried again; the smaller size is kept for the rest.
-    `progress(done, total)` is called after each batch.
+    `progress(done, total)` is called after each batch. `rows_per_item`: the prompt
+    rows one item puts in the pass (e.g. a head patched into stacked copies of a
+    chunk of prompts), so the budget is divided by that many rows per item.
     """
     budget = budget or MemoryBudget()
     order = sorted(range(len(items)), key=lambda i: -tokens(items[i]))
@@ -174,8 +185,8 @@ def run_batched(
     done = 0
     while done < len(order):
         width = tokens(items[order[done]])
-        size = min(cap, budget.batch_size(handle, width, cap), len(order) - done)
-        shortest = width * (1 - MAX_PADDING)
+        size = min(cap, budget.batch_size(handle, width, cap, rows_per_item), len(order) - done)
+        shortest = min(width * (1 - MAX_PADDING), width - PADDING_TOKENS)
         while size > 1 and tokens(items[order[done + size - 1]]) < shortest:
             size -= 1
         group = order[done : done + size]
@@ -186,8 +197,11 @@ def run_batched(
                 raise
             _release_memory()
             if size == 1:
+                if isinstance(error, OutOfMemoryError):
+                    raise  # a nested batch already said what does not fit
+                what = "one prompt" if rows_per_item == 1 else f"{rows_per_item} prompt rows"
                 raise OutOfMemoryError(
-                    f"one prompt of {width} tokens does not fit in the memory available "
+                    f"{what} of {width} tokens does not fit in the memory available "
                     f"({error}); use a shorter length or a device with more memory"
                 ) from None
             cap = size // 2

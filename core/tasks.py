@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from .budget import MemoryBudget, run_batched
 from .errors import InvalidParamsError
 from .jsonl import read_jsonl
 from .metrics import MetricKind, TokenMetric
@@ -102,6 +103,10 @@ class TaskData:
     def subset(self, n: int) -> TaskData:
         return TaskData(self.task, self.pairs[:n], self.dropped)
 
+    def with_pairs(self, pairs: list[TaskPair]) -> TaskData:
+        """The same task with these pairs (a batch of them, or a split)."""
+        return TaskData(self.task, list(pairs), self.dropped)
+
     def clean_batch(self, handle: ModelHandle) -> Batch:
         return make_batch(handle, [p.clean for p in self.pairs])
 
@@ -112,12 +117,6 @@ class TaskData:
         return TokenMetric.from_tokens(
             [p.answers for p in self.pairs], [p.distractors for p in self.pairs], self.task.metric
         )
-
-    def chunks(self, size: int) -> list[TaskData]:
-        return [
-            TaskData(self.task, self.pairs[i : i + size], self.dropped)
-            for i in range(0, len(self.pairs), size)
-        ]
 
 
 def prepare_task(handle: ModelHandle, task: Task, n: int, rng: np.random.Generator) -> TaskData:
@@ -225,20 +224,34 @@ class TaskScores:
         }
 
 
-def score_task(handle: ModelHandle, data: TaskData, batch_size: int = 32) -> TaskScores:
+def score_task(
+    handle: ModelHandle,
+    data: TaskData,
+    batch_size: int = 32,
+    budget: MemoryBudget | None = None,
+) -> TaskScores:
     """Run clean and corrupted prompts; `accuracy` counts prompts whose metric favours
-    the answers (metric > 0), `top1_accuracy` those whose top token is an answer."""
-    clean, corrupted, top1 = [], [], []
-    for chunk in data.chunks(batch_size):
+    the answers (metric > 0), `top1_accuracy` those whose top token is an answer.
+    Pairs run in batches of at most `batch_size` that fit the memory `budget`."""
+
+    def score(pairs: list[TaskPair]) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+        chunk = data.with_pairs(pairs)
         metric = chunk.metric()
         logits = forward(handle, chunk.clean_batch(handle)).logits[:, -1]
-        clean.append(metric(logits))
-        top = logits.argmax(-1)
-        top1.append(
-            torch.tensor([int(t) in p.answers for t, p in zip(top, chunk.pairs, strict=True)])
-        )
-        corrupted.append(metric(forward(handle, chunk.corrupted_batch(handle)).logits[:, -1]))
-    return TaskScores(torch.cat(clean), torch.cat(corrupted), torch.cat(top1))
+        corrupted = metric(forward(handle, chunk.corrupted_batch(handle)).logits[:, -1])
+        top1 = [int(t) in p.answers for t, p in zip(logits.argmax(-1), pairs, strict=True)]
+        return list(zip(metric(logits), corrupted, top1, strict=True))
+
+    rows = run_batched(
+        handle,
+        data.pairs,
+        score,
+        tokens=lambda p: len(p.clean),
+        budget=budget,
+        max_batch=batch_size,
+    )
+    clean, corrupted, top1 = zip(*rows, strict=True)
+    return TaskScores(torch.stack(clean), torch.stack(corrupted), torch.tensor(top1))
 
 
 # --------------------------------------------------------------------------------------

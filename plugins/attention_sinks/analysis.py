@@ -24,6 +24,7 @@ Here, on a task's prompts (`ioi`, `greater-than`, or a user task):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from headscope.core import compare, stats
 from headscope.core import tracing as T
 from headscope.core.analysis import Analysis, Finding, RunContext, top_heads
+from headscope.core.budget import MemoryBudget, run_batched
 from headscope.core.errors import InvalidParamsError
 from headscope.core.plots import head_heatmap
 from headscope.core.tasks import TaskData, prepare_task
@@ -67,7 +69,9 @@ class AttentionSinksParams(BaseModel):
     controls: bool = Field(True, description="Also run all-heads and random-heads controls.")
     random_draws: int = Field(3, ge=1, le=20, description="Layer-matched random head sets.")
     bootstrap: int = Field(2000, ge=100, le=100000, description="Resamples for 95% intervals.")
-    batch_size: int = Field(32, ge=1, le=256)
+    batch_size: int = Field(
+        32, ge=1, le=256, description="Prompts per pass at most (fewer when memory is short)."
+    )
 
     @model_validator(mode="after")
     def _layer_order(self):
@@ -94,57 +98,129 @@ def split_task(data: TaskData, fraction: float, rng) -> tuple[TaskData, TaskData
         )
     order = rng.permutation(len(data)).tolist()
     cut = min(max(1, round(fraction * len(data))), len(data) - 1)
-    pick = lambda idx: TaskData(data.task, [data.pairs[i] for i in idx], data.dropped)  # noqa: E731
+    pick = lambda idx: data.with_pairs([data.pairs[i] for i in idx])  # noqa: E731
     return pick(sorted(order[:cut])), pick(sorted(order[cut:]))
 
 
 class Prompts:
-    """A split's prompts in batches, with each batch's sinks found once."""
+    """A split's prompts with each prompt's sinks, found once; every pass over them
+    batches to the memory budget (at most `batch_size` prompts)."""
 
-    def __init__(self, handle, data: TaskData, layers, params: AttentionSinksParams):
-        self.chunks = data.chunks(params.batch_size)
-        self.batches = [chunk.clean_batch(handle) for chunk in self.chunks]
-        self.sinks = [
-            T.find_sinks(handle, batch, layers, params.threshold) for batch in self.batches
-        ]
+    def __init__(
+        self,
+        handle,
+        data: TaskData,
+        layers,
+        params: AttentionSinksParams,
+        budget: MemoryBudget | None = None,
+    ):
+        self.data = data
+        self.max_batch = params.batch_size
+        self.budget = budget
+
+        def sinks(batch: T.Batch, _chunk, _rows) -> list[dict[int, torch.Tensor]]:
+            return _unpadded(T.find_sinks(handle, batch, layers, params.threshold), batch)
+
+        #: per prompt: layer -> bool [H, its length]
+        self.sinks = self._batched(handle, sinks)
+
+    def _batched(self, handle, run: Callable[[T.Batch, TaskData, list[int]], list]) -> list:
+        """`run(batch, chunk, rows)` over batches of the prompts that fit the budget;
+        `rows` are the chunk's indices in the split. Results in the split's order."""
+
+        def each(rows: list[int]) -> list:
+            chunk = self.data.with_pairs([self.data.pairs[i] for i in rows])
+            return run(chunk.clean_batch(handle), chunk, rows)
+
+        return run_batched(
+            handle,
+            list(range(len(self.data))),
+            each,
+            tokens=lambda i: len(self.data.pairs[i].clean),
+            budget=self.budget,
+            max_batch=self.max_batch,
+        )
 
     def outcomes(self, handle, heads: T.HeadMap | None, beta: float) -> dict[str, list[float]]:
         """Per prompt: the task metric, and whether it favours the answer (> 0)."""
-        metric: list[float] = []
-        for chunk, batch, sinks in zip(self.chunks, self.batches, self.sinks, strict=True):
-            items = [T.SinkCalibration(heads, sinks, beta)] if heads else []
+
+        def score(batch: T.Batch, chunk: TaskData, rows: list[int]) -> list[float]:
+            items = []
+            if heads:
+                sinks = _padded([self.sinks[i] for i in rows], batch, heads)
+                items = [T.SinkCalibration(heads, sinks, beta)]
             logits = T.forward(handle, batch, items).logits[:, -1]
-            metric += chunk.metric()(logits).tolist()
+            return chunk.metric()(logits).tolist()
+
+        metric = self._batched(handle, score)
         return {"metric": metric, "correct": [float(m > 0) for m in metric]}
 
     def sink_counts(self, n_layers: int, n_heads: int) -> torch.Tensor:
         """[layers, heads]: calibrated sinks (all but the first) per prompt, on average."""
         counts = torch.zeros(n_layers, n_heads)
-        prompts = sum(batch.size for batch in self.batches)
         for sinks in self.sinks:
             for layer, mask in sinks.items():
-                counts[layer] += mask.sum(dim=(0, 2)).float()
-        return counts / max(prompts, 1)
+                counts[layer] += mask.sum(dim=1).float()
+        return counts / max(len(self.sinks), 1)
 
     def has_sinks(self, layer: int, head: int) -> bool:
-        return any(bool(sinks[layer][:, head].any()) for sinks in self.sinks)
+        return any(bool(sinks[layer][head].any()) for sinks in self.sinks)
 
 
-def perplexity(handle, heads: T.HeadMap | None, beta: float, threshold: float, layers) -> float:
-    """Perplexity of the neutral texts, each calibrated with the sinks found on it."""
-    total, count = 0.0, 0
-    for text in NEUTRAL_TEXTS:
-        ids = handle.encode(text)
-        batch = T.make_batch(handle, [ids])
+def _unpadded(sinks: dict[int, torch.Tensor], batch: T.Batch) -> list[dict[int, torch.Tensor]]:
+    """Batch sinks (layer -> [b, H, width]) -> per prompt: layer -> [H, its length]."""
+    return [
+        {layer: mask[row, :, pad:].clone() for layer, mask in sinks.items()}
+        for row, pad in enumerate(batch.pads)
+    ]
+
+
+def _padded(
+    prompts: list[dict[int, torch.Tensor]], batch: T.Batch, heads: T.HeadMap
+) -> dict[int, torch.Tensor]:
+    """Per-prompt sinks laid out over `batch`'s padded columns, for the layers of `heads`
+    (padding is never a sink)."""
+    out = {}
+    for layer in heads:
+        n_heads = prompts[0][layer].shape[0]
+        mask = torch.zeros(batch.size, n_heads, batch.width, dtype=torch.bool)
+        for row, (sinks, pad) in enumerate(zip(prompts, batch.pads, strict=True)):
+            mask[row, :, pad:] = sinks[layer]
+        out[layer] = mask
+    return out
+
+
+def perplexity(
+    handle,
+    heads: T.HeadMap | None,
+    beta: float,
+    threshold: float,
+    layers,
+    batch_size: int = 32,
+    budget: MemoryBudget | None = None,
+) -> float:
+    """Perplexity of the neutral texts, each calibrated with the sinks found on it
+    (in batches of at most `batch_size` texts that fit the memory `budget`)."""
+
+    def logprobs(texts: list[list[int]]) -> list[float]:
+        batch = T.make_batch(handle, texts)
         items = []
         if heads:
             sinks = T.find_sinks(handle, batch, layers, threshold)
             items = [T.SinkCalibration(heads, sinks, beta)]
-        logits = T.forward(handle, batch, items, logits_at=list(range(len(ids) - 1))).logits
-        logp = torch.log_softmax(logits[0].float(), dim=-1)
-        total += float(sum(logp[i, token] for i, token in enumerate(ids[1:])))
-        count += len(ids) - 1
-    return math.exp(-total / count)
+        # per row, the positions that predict its next tokens (short rows repeat one)
+        width = max(len(ids) for ids in texts) - 1
+        at = [list(range(len(ids) - 1)) + [0] * (width - len(ids) + 1) for ids in texts]
+        logits = T.forward(handle, batch, items, logits_at=at).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return [
+            float(sum(logp[row, i, token] for i, token in enumerate(ids[1:])))
+            for row, ids in enumerate(texts)
+        ]
+
+    texts = [handle.encode(text) for text in NEUTRAL_TEXTS]
+    total = run_batched(handle, texts, logprobs, tokens=len, budget=budget, max_batch=batch_size)
+    return math.exp(-sum(total) / sum(len(ids) - 1 for ids in texts))
 
 
 class AttentionSinks(Analysis):
@@ -171,7 +247,7 @@ class AttentionSinks(Analysis):
         data = prepare_task(handle, ctx.registry.task(params.task), params.n_examples, ctx.rng)
         calibration, held_out = split_task(data, params.calibration_fraction, ctx.rng)
         ctx.progress(0, None, "finding sinks")
-        cal = Prompts(handle, calibration, layers, params)
+        cal = Prompts(handle, calibration, layers, params, ctx.budget)
         gains, kept = self._filter(ctx, params, cal, layers)
 
         finding = Finding()
@@ -204,14 +280,16 @@ class AttentionSinks(Analysis):
                     notes.append(f"no random-heads control: {error}")
 
         ctx.progress(0, len(settings), "finding held-out sinks")
-        held = Prompts(handle, held_out, layers, params)
+        held = Prompts(handle, held_out, layers, params, ctx.budget)
         results: dict[str, dict[str, list[float]]] = {}
         ppl: dict[str, float] = {}
         for done, (label, heads) in enumerate(settings.items()):
             ctx.check_cancelled()
             ctx.progress(done, len(settings), f"evaluating {label}")
             results[label] = held.outcomes(handle, heads, params.beta)
-            ppl[label] = perplexity(handle, heads, params.beta, params.threshold, layers)
+            ppl[label] = perplexity(
+                handle, heads, params.beta, params.threshold, layers, params.batch_size, ctx.budget
+            )
         ctx.progress(len(settings), len(settings), "done")
         self._report(finding, params, settings, results, ppl, ctx.seed)
         finding.add_metric("calibration_examples", len(calibration))

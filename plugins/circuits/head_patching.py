@@ -13,7 +13,8 @@ recorded. Effects are normalised by the clean-minus-corrupted gap of the metric:
 - importance = the largest absolute effect measured: the ranking circuits are
   judged by.
 
-Many patched copies of the prompt batch go through the model in one pass.
+Many patched copies of the prompt batch go through the model in one pass, as many
+as the run's memory budget allows (at most `rows_per_pass` prompt rows).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from headscope.core.analysis import Analysis, Finding, RunContext
+from headscope.core.budget import MemoryBudget
 from headscope.core.plots import head_heatmap
 from headscope.core.tasks import TaskData, prepare_task, score_task
 from headscope.plugins.circuits.patching import attribute_every_head, patch_every_head
@@ -45,7 +47,12 @@ class HeadPatchingParams(BaseModel):
         "noising",
         description="noising: clean <- corrupted; denoising: corrupted <- clean; both.",
     )
-    rows_per_pass: int = Field(64, ge=1, le=4096, description="Prompt rows per forward pass.")
+    rows_per_pass: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Prompt rows per forward pass at most (fewer when memory is short).",
+    )
 
 
 class HeadPatching(Analysis):
@@ -66,7 +73,7 @@ class HeadPatching(Analysis):
         task = ctx.registry.task(params.task)
         data = prepare_task(handle, task, params.n_examples, ctx.rng)
         finding = Finding()
-        scores = describe_task(finding, handle, data, params.rows_per_pass)
+        scores = describe_task(finding, handle, data, params.rows_per_pass, ctx.budget)
         gap = scores["metric_clean"] - scores["metric_corrupted"]
         effects = reference_effects(
             ctx, data, gap, params.mode, params.directions, params.rows_per_pass
@@ -83,9 +90,11 @@ class HeadPatching(Analysis):
         return finding
 
 
-def describe_task(finding: Finding, handle, data: TaskData, batch_size: int) -> dict:
+def describe_task(
+    finding: Finding, handle, data: TaskData, batch_size: int, budget: MemoryBudget | None = None
+) -> dict:
     """Accuracy and metric gap on the task's pairs, as run metrics."""
-    summary = score_task(handle, data, batch_size).summary()
+    summary = score_task(handle, data, batch_size, budget).summary()
     for name, value in summary.items():
         finding.add_metric(name, value)
     finding.add_metric("n_pairs", len(data))
@@ -112,7 +121,9 @@ def reference_effects(
         return lambda done, total, message: ctx.progress(done, total, f"{stage}: {message}")
 
     started = time.perf_counter()
-    attribution = attribute_every_head(handle, data, rows_per_pass, progress("attribution"))
+    attribution = attribute_every_head(
+        handle, data, rows_per_pass, progress("attribution"), ctx.budget
+    )
     out["attribution_seconds"] = time.perf_counter() - started
     if mode == "attribution":
         out["attribution"] = attribution / gap
@@ -120,7 +131,7 @@ def reference_effects(
         return out
     chosen = ("noising", "denoising") if directions == "both" else (directions,)
     started = time.perf_counter()
-    result = patch_every_head(handle, data, chosen, rows_per_pass, progress("patching"))
+    result = patch_every_head(handle, data, chosen, rows_per_pass, progress("patching"), ctx.budget)
     out["patching_seconds"] = time.perf_counter() - started
     out["forward_passes"] = float(result.forward_passes)
     out["attribution"] = attribution / gap

@@ -31,11 +31,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from headscope.core.analysis import Analysis, Finding, RunContext
+from headscope.core.budget import run_batched
 from headscope.core.compare import select_heads
 from headscope.core.errors import InvalidParamsError, param_error
 from headscope.core.plots import head_heatmap
 from headscope.core.runs import MAX_INT
-from headscope.core.tasks import TaskData, prepare_task, score_task
+from headscope.core.tasks import TaskData, TaskPair, prepare_task, score_task
 from headscope.plugins.circuits.evaluation import ThresholdRule, evaluate_ranking
 from headscope.plugins.circuits.head_patching import describe_task, reference_effects
 from headscope.plugins.circuits.head_results import head_results
@@ -100,7 +101,12 @@ class SaeCircuitParams(BaseModel):
         None, ge=1, description="Reference heads = its top k instead of the effect cut."
     )
     reference_examples: int = Field(64, ge=1, description="Pairs patched for reference=auto.")
-    batch_size: int = Field(32, ge=1, le=4096, description="Prompts per forward pass.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Prompts per forward pass at most (fewer when memory is short).",
+    )
 
     @field_validator("reference", mode="before")
     @classmethod
@@ -154,7 +160,7 @@ class SaeCircuit(Analysis):
         task = ctx.registry.task(params.task)
         data = prepare_task(handle, task, params.n_examples, ctx.rng)
         finding = Finding()
-        describe_task(finding, handle, data, params.batch_size)
+        describe_task(finding, handle, data, params.batch_size, ctx.budget)
         shape = (handle.n_layers, handle.n_heads)
         heads = handle.n_layers * handle.n_heads
         units = dictionary_units(params, heads)
@@ -209,16 +215,27 @@ class SaeCircuit(Analysis):
 
     # -- steps ----------------------------------------------------------------------
     def _capture(self, ctx, data: TaskData, batch_size: int):
-        """Head results [n, layers * heads, d] for clean (positive) and corrupted prompts."""
+        """Head results [n, layers * heads, d] for clean (positive) and corrupted prompts,
+        in batches of at most `batch_size` pairs that fit the run's memory budget."""
         handle = ctx.model
-        chunks = data.chunks(batch_size)
-        out: dict[str, list[torch.Tensor]] = {"clean": [], "corrupted": []}
-        for i, chunk in enumerate(chunks):
-            ctx.progress(i, len(chunks), f"capture {i + 1}/{len(chunks)}")
-            out["clean"].append(head_results(handle, chunk.clean_batch(handle)))
-            out["corrupted"].append(head_results(handle, chunk.corrupted_batch(handle)))
-        flat = [torch.cat(out[k]).flatten(1, 2) for k in ("clean", "corrupted")]
-        return flat[0], flat[1]
+
+        def capture(pairs: list[TaskPair]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            chunk = data.with_pairs(pairs)
+            clean = head_results(handle, chunk.clean_batch(handle))
+            corrupted = head_results(handle, chunk.corrupted_batch(handle))
+            return list(zip(clean, corrupted, strict=True))
+
+        rows = run_batched(
+            handle,
+            data.pairs,
+            capture,
+            tokens=lambda pair: len(pair.clean),
+            budget=ctx.budget,
+            max_batch=batch_size,
+            progress=lambda done, total: ctx.progress(done, total, f"capture {done}/{total} pairs"),
+        )
+        clean, corrupted = (torch.stack(side).flatten(1, 2) for side in zip(*rows, strict=True))
+        return clean, corrupted
 
     def _one_seed(
         self, ctx, params, positives, negatives, index: int, units: int, heads_per_layer: int
@@ -275,7 +292,7 @@ class SaeCircuit(Analysis):
         handle = ctx.model
         if params.reference == "auto":
             subset = data.subset(params.reference_examples)
-            scores = score_task(handle, subset, params.batch_size).summary()
+            scores = score_task(handle, subset, params.batch_size, ctx.budget).summary()
             effects = reference_effects(
                 ctx, subset, scores["metric_clean"] - scores["metric_corrupted"]
             )

@@ -205,8 +205,11 @@ class AttentionModulation(Analysis):
                 max_new_tokens=params.max_new_tokens,
                 batch_size=params.batch_size,
                 label=label,
+                budget=ctx.budget,
             )
-            result.metrics["perplexity"] = perplexity(handle, setting, batch_size=params.batch_size)
+            result.metrics["perplexity"] = perplexity(
+                handle, setting, batch_size=params.batch_size, budget=ctx.budget
+            )
             evaluations.append(result)
         ctx.progress(len(settings), len(settings), "done")
         self._report(finding, params, settings, evaluations, len(calibration), ctx.seed)
@@ -227,6 +230,7 @@ class AttentionModulation(Analysis):
             params.calibration_tokens,
             params.batch_size,
             progress=lambda done, total, message: ctx.progress(0, None, f"calibrating: {message}"),
+            budget=ctx.budget,
         )
         matrix = computed[params.metric]
         return {

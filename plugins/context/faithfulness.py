@@ -8,6 +8,9 @@
   of greedy answers (faithful / memorised).
 - `perplexity`: the fluency guard, on neutral text whose first sentence is marked
   as context, so the modulation acts on it as on a question's context.
+
+Each runs its prompts in batches of at most `batch_size` that fit the memory
+`budget` (`core.budget.run_batched`), halved when one runs out of memory.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from headscope.core import tracing as T
+from headscope.core.budget import MemoryBudget, run_batched
 from headscope.core.errors import InvalidParamsError
 from headscope.core.models import ModelHandle
 from headscope.core.spans import CharSpan, MarkedPrompt, mark
@@ -36,26 +40,37 @@ def continuation_logprobs(
     continuations: Sequence[Sequence[int]],
     modulation: Modulation | None = None,
     batch_size: int = 8,
+    budget: MemoryBudget | None = None,
 ) -> list[list[float]]:
     """Per-token log-probabilities of each continuation after its marked prompt."""
     if len(marked) != len(continuations):
         raise InvalidParamsError("one continuation per prompt")
     if any(not c for c in continuations):
         raise InvalidParamsError("a continuation is empty")
-    out: list[list[float]] = []
-    for start in range(0, len(marked), batch_size):
-        prompts = marked[start : start + batch_size]
-        tails = [list(c) for c in continuations[start : start + batch_size]]
-        batch = T.make_batch(handle, [list(m.ids) + t for m, t in zip(prompts, tails, strict=True)])
+
+    def score(rows: list[tuple[MarkedPrompt, list[int]]]) -> list[list[float]]:
+        prompts = [m for m, _ in rows]
+        tails = [t for _, t in rows]
+        batch = T.make_batch(handle, [list(m.ids) + t for m, t in rows])
         width = max(len(t) for t in tails)
         # logits at the positions that predict each continuation token (padded per row)
         at = [[-len(t) - 1 + i for i in range(len(t))] + [-2] * (width - len(t)) for t in tails]
         items = modulation.items(handle, batch, prompts) if modulation is not None else []
         logits = T.forward(handle, batch, items, logits_at=at).logits
         logp = torch.log_softmax(logits.float(), dim=-1)
-        for row, tail in enumerate(tails):
-            out.append([float(logp[row, i, token]) for i, token in enumerate(tail)])
-    return out
+        return [
+            [float(logp[row, i, token]) for i, token in enumerate(tail)]
+            for row, tail in enumerate(tails)
+        ]
+
+    return run_batched(
+        handle,
+        [(m, list(c)) for m, c in zip(marked, continuations, strict=True)],
+        score,
+        tokens=lambda row: len(row[0].ids) + len(row[1]),
+        budget=budget,
+        max_batch=batch_size,
+    )
 
 
 def answer_ids(handle: ModelHandle, answer: str) -> list[int]:
@@ -68,11 +83,12 @@ def answer_token_logprobs(
     answers: Sequence[str],
     modulation: Modulation | None = None,
     batch_size: int = 8,
+    budget: MemoryBudget | None = None,
 ) -> list[list[float]]:
     """Per-token log P(" " + answer | example prompt) for each example."""
     marked = [e.marked(handle) for e in examples]
     tails = [answer_ids(handle, a) for a in answers]
-    return continuation_logprobs(handle, marked, tails, modulation, batch_size)
+    return continuation_logprobs(handle, marked, tails, modulation, batch_size, budget)
 
 
 def answer_logprobs(
@@ -81,11 +97,11 @@ def answer_logprobs(
     answers: Sequence[str],
     modulation: Modulation | None = None,
     batch_size: int = 8,
+    budget: MemoryBudget | None = None,
 ) -> list[float]:
     """log P(" " + answer | example prompt) for each example."""
-    return [
-        sum(lp) for lp in answer_token_logprobs(handle, examples, answers, modulation, batch_size)
-    ]
+    per_token = answer_token_logprobs(handle, examples, answers, modulation, batch_size, budget)
+    return [sum(lp) for lp in per_token]
 
 
 def normalise(text: str) -> str:
@@ -109,14 +125,22 @@ def generate_answers(
     modulation: Modulation | None = None,
     max_new_tokens: int = 8,
     batch_size: int = 8,
+    budget: MemoryBudget | None = None,
 ) -> list[str]:
     """Greedy answers (up to a newline) to each example's prompt."""
-    texts = []
-    for start in range(0, len(examples), batch_size):
-        chunk = [e.marked(handle) for e in examples[start : start + batch_size]]
+
+    def answer(chunk: list[MarkedPrompt]) -> list[str]:
         result = generate_marked(handle, chunk, modulation, max_new_tokens, stop_at_newline=True)
-        texts += [result.text(handle, row) for row in range(len(chunk))]
-    return texts
+        return [result.text(handle, row) for row in range(len(chunk))]
+
+    return run_batched(
+        handle,
+        [e.marked(handle) for e in examples],
+        answer,
+        tokens=lambda m: len(m.ids) + max_new_tokens,
+        budget=budget,
+        max_batch=batch_size,
+    )
 
 
 @dataclass
@@ -136,6 +160,7 @@ def evaluate(
     max_new_tokens: int = 8,
     batch_size: int = 8,
     label: str | None = None,
+    budget: MemoryBudget | None = None,
 ) -> Evaluation:
     """Faithfulness of the model (steered by `modulation`, if given) on `examples`.
 
@@ -151,7 +176,7 @@ def evaluate(
         raise InvalidParamsError("no examples to evaluate")
     label = label or (modulation.label if modulation is not None else "baseline")
     context_tokens = answer_token_logprobs(
-        handle, examples, [e.answer for e in examples], modulation, batch_size
+        handle, examples, [e.answer for e in examples], modulation, batch_size, budget
     )
     context_lp = [sum(lp) for lp in context_tokens]
     with_memory = [i for i, e in enumerate(examples) if e.memory_answer]
@@ -163,13 +188,14 @@ def evaluate(
             [examples[i].memory_answer for i in with_memory],
             modulation,
             batch_size,
+            budget,
         )
         memory_tokens = dict(zip(with_memory, scored, strict=True))
     memory_lp = {i: sum(lp) for i, lp in memory_tokens.items()}
     context_mean = [_mean(lp) for lp in context_tokens]
     memory_mean = {i: _mean(lp) for i, lp in memory_tokens.items()}
     generated = (
-        generate_answers(handle, examples, modulation, max_new_tokens, batch_size)
+        generate_answers(handle, examples, modulation, max_new_tokens, batch_size, budget)
         if generate
         else [None] * len(examples)
     )
@@ -215,6 +241,7 @@ def perplexity(
     modulation: Modulation | None = None,
     texts: Sequence[tuple[str, str]] = NEUTRAL_TEXTS,
     batch_size: int = 8,
+    budget: MemoryBudget | None = None,
 ) -> float:
     """Perplexity of each text's continuation after its marked first sentence."""
     marked, tails = [], []
@@ -222,7 +249,7 @@ def perplexity(
         prompt = f"Text: {first}"
         marked.append(mark(handle, prompt, [CharSpan(len("Text: "), len(prompt))]))
         tails.append(handle.encode(" " + rest, add_special_tokens=False))
-    logprobs = continuation_logprobs(handle, marked, tails, modulation, batch_size)
+    logprobs = continuation_logprobs(handle, marked, tails, modulation, batch_size, budget)
     tokens = sum(len(lp) for lp in logprobs)
     return math.exp(-sum(sum(lp) for lp in logprobs) / tokens)
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from headscope.core import tasks
+from headscope.core.budget import MemoryBudget
 from headscope.core.errors import InvalidParamsError
 from headscope.core.metrics import TokenMetric
 from headscope.core.plugins import build_registry
@@ -116,3 +118,48 @@ def test_token_metric_and_task_scores_match_plain_logits(tmp_path):
         expected = last[pair.answers[0]] - last[pair.distractors[0]]
         assert float(scores.clean[i]) == pytest.approx(float(expected), abs=1e-4)
         assert bool(scores.top1_correct[i]) == (int(last.argmax()) == pair.answers[0])
+
+
+def test_task_scores_are_the_same_under_any_memory_budget_and_after_an_out_of_memory(
+    tmp_path, monkeypatch
+):
+    handle = tiny_handle("llama")
+    prompts = [  # lengths close enough to share padded batches
+        "the cat sat on the mat and the dog sat",
+        "the cat sat on a mat and the dog sat",
+        "a cat sat on the mat and a dog sat",
+        "the cat sat on the mat and the dog ran off",
+    ]
+    rows = [
+        {"prompt": p, "answer": "c", "distractor": "x", "corrupted": p.replace("a", "e")}
+        for p in prompts
+    ]
+    task = JsonlTask.load(write_jsonl(tmp_path / "s.jsonl", rows))
+    data = prepare_task(handle, task, 4, np.random.default_rng(0))
+    assert len({len(p.clean) for p in data.pairs}) > 1
+    sizes = []
+
+    def counted(handle, batch, *args, **kwargs):
+        sizes.append(batch.size)
+        return forward(handle, batch, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "forward", counted)
+    batched = score_task(handle, data)
+    assert max(sizes) > 1  # padded batches
+    monkeypatch.undo()
+    alone = score_task(handle, data, budget=MemoryBudget(1))  # one pair per pass
+    sizes.clear()
+
+    def short_of_memory(handle, batch, *args, **kwargs):
+        sizes.append(batch.size)
+        if batch.size > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return forward(handle, batch, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "forward", short_of_memory)
+    halved = score_task(handle, data, batch_size=4)
+    assert max(sizes) > 1
+    for other in (alone, halved):
+        torch.testing.assert_close(other.clean, batched.clean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(other.corrupted, batched.corrupted, atol=1e-5, rtol=0)
+        assert torch.equal(other.top1_correct, batched.top1_correct)
