@@ -1252,8 +1252,15 @@ def analyses_describe(
     console.print(f"[bold]{escape(cls.name)}[/] v{escape(cls.version)}: {escape(cls.summary)}")
     table = _table("params", ("name", "type", "allowed", "default", "description"))
     schema = description["params_schema"]
+    required = set(schema.get("required", ()))
     for field_name, field in schema.get("properties", {}).items():
-        default = json.dumps(field["default"]) if "default" in field else "(required)"
+        if "default" in field:
+            default = json.dumps(field["default"])
+        elif field_name in required:
+            default = "(required)"
+        else:  # a default factory: show what it makes
+            made = cls.Params.model_fields[field_name].get_default(call_default_factory=True)
+            default = json.dumps(made, default=str)
         cells = (field_name, _schema_type(field), _schema_allowed(field), default)
         table.add_row(*map(escape, cells), escape(field.get("description", "")))
     console.print(table)
