@@ -63,10 +63,11 @@ class SaeCircuitParams(BaseModel):
         None, ge=2, le=100_000, description="SAE dictionary units (overrides dict_per_head)."
     )
     scaling: Literal["global", "unit", "none"] = Field(
-        "global",
-        description="Input scaling: global = one factor for every (prompt, head) vector, so "
-        "their root-mean-square element is input_rms (keeps relative head norms); unit = "
-        "each vector to length 1 (erases them); none = raw head outputs.",
+        "unit",
+        description="Input scaling: unit = each (prompt, head) vector to length 1, so small "
+        "heads get codes of their own (erases relative head norms); global = one factor "
+        "for every vector, so their root-mean-square element is input_rms (keeps them); "
+        "none = raw head outputs.",
     )
     input_rms: float = Field(
         1.0, gt=0, le=1e6, description="Root-mean-square element after scaling=global."

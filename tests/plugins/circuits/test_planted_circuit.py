@@ -74,8 +74,9 @@ def _plant(handle, planted: set[tuple[int, int]]) -> None:
                 attention.o_proj.weight[:, rows] = 2.0 * torch.outer(writes, carrier)
 
 
+@pytest.mark.parametrize("scaling", ["unit", "global"])
 @pytest.mark.parametrize("planted", [{(0, 1), (2, 2)}, {(1, 0), (2, 3)}])
-def test_planted_heads_rank_first(tmp_path, planted):
+def test_planted_heads_rank_first(tmp_path, planted, scaling):
     task = tmp_path / "planted.jsonl"
     task.write_text("".join(json.dumps(row) + "\n" for row in _pairs(12)))
     handle = load_model("tiny-llama")  # a fresh copy: its weights are changed
@@ -87,6 +88,7 @@ def test_planted_heads_rank_first(tmp_path, planted):
         reference="auto",
         reference_top_k=len(planted),
         reference_examples=12,
+        scaling=scaling,
     )
     ctx = RunContext(lambda: handle, seed=0, registry=build_registry())
     finding = SaeCircuit().run(ctx, params)
@@ -94,8 +96,11 @@ def test_planted_heads_rank_first(tmp_path, planted):
     scores = {(lay, h): v for lay, h, metric, v in finding.head_scores if metric == "unique_codes"}
     ranked = sorted(scores, key=lambda head: (-scores[head], head))
     assert set(ranked[: len(planted)]) == planted, scores
-    # the construction is a circuit: patching finds the same heads, and the
-    # SAE ranking recovers them on each seed too
+    # the construction is a circuit: patching finds the same heads
     assert set(map(tuple, finding.summary["reference"]["top_heads"])) == planted
-    assert finding.metrics["auc_mean"] >= 0.95
+    assert finding.metrics["auc_of_mean_scores"] == 1.0
+    if scaling == "global":
+        # every other head's output is small here, so keeping relative norms
+        # recovers the circuit on each seed alone; unit length needs the seed mean
+        assert finding.metrics["auc_mean"] >= 0.95
     assert finding.metrics["metric_clean"] > finding.metrics["metric_corrupted"]
