@@ -5,8 +5,6 @@ is in test_calibration_reference)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from headscope.plugins.attention_sinks.analysis import AttentionSinksParams, Pro
 from helpers.cli import run_cli
 from helpers.memory import short_of_memory
 from helpers.models import tiny_handle
+from helpers.tasks import write_task_file
 
 # byte-level tiny models: prompts of 31 to 35 tokens share padded batches
 ROWS = [
@@ -36,13 +35,7 @@ THRESHOLD, BETA = 0.05, 0.4
 
 @pytest.fixture
 def task_file(tmp_path):
-    path = tmp_path / "task.jsonl"
-    lines = [
-        json.dumps({"prompt": p, "answer": a, "distractor": d, "corrupted": c})
-        for p, a, d, c in ROWS
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_task_file(tmp_path / "task.jsonl", ROWS)
 
 
 def test_sinks_metrics_and_perplexity_are_the_same_under_any_budget_and_after_out_of_memory(

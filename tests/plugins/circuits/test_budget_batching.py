@@ -5,7 +5,6 @@ computations are in test_patching_reference)."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,6 +21,7 @@ from headscope.plugins.circuits.sae_circuit import SaeCircuit
 from helpers.cli import run_cli
 from helpers.memory import short_of_memory
 from helpers.models import tiny_handle
+from helpers.tasks import write_task_file
 
 # byte-level tiny models: lengths 34, 33, 32 and 31 tokens share one padded batch
 ROWS = [
@@ -35,13 +35,7 @@ ATOL = 1e-5
 
 @pytest.fixture
 def task_file(tmp_path):
-    path = tmp_path / "task.jsonl"
-    lines = [
-        json.dumps({"prompt": p, "answer": a, "distractor": d, "corrupted": c})
-        for p, a, d, c in ROWS
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_task_file(tmp_path / "task.jsonl", ROWS)
 
 
 def task_data(task_file):

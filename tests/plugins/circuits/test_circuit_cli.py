@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from helpers.cli import run_cli
+from helpers.tasks import write_task_file
 
 # Byte-level tiny models: answers are single characters; corruptions keep the length.
 ROWS = [
@@ -23,13 +22,7 @@ ROWS = [
 
 @pytest.fixture
 def task_file(tmp_path):
-    path = tmp_path / "task.jsonl"
-    lines = [
-        json.dumps({"prompt": p, "answer": a, "distractor": d, "corrupted": c})
-        for p, a, d, c in ROWS
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_task_file(tmp_path / "task.jsonl", ROWS)
 
 
 def _run(capsys, db, *args):

@@ -222,3 +222,25 @@ def test_retrieval_scored_fresh_in_the_same_run(capsys, tmp_path):
     assert result.code == 0, result.err
     metrics = result.json()["metrics"]
     assert "max_retrieval_score" in metrics and metrics["plan_full_heads"] == 1
+
+
+def test_duo_gates_trained_in_the_run_choose_the_plan(capsys, tmp_path):
+    db = str(tmp_path / "k.db")
+    duo = {"steps": 2, "length": 320, "sink": 2, "window": 8, "passkeys": 1, "passkey_words": 3}
+    result = run_cli(
+        capsys, "run", "kv-cache-plan", "-m", "tiny-llama", "-f", "json", "--db", db,
+        *_params(method="duo", budget=2, duo=duo, eval_budgets=[]),
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    metrics = result.json()["metrics"]
+    assert metrics["plan_full_heads"] == metrics["plan_300.full_heads"] == 2
+    plan = KVPlan.from_json(
+        run_cli(capsys, "runs", "export", "1", "--format", "kv-plan-json", "--db", db).out
+    )
+    assert plan.method == "duo" and sum(map(sum, plan.full)) == 2
+    bad = run_cli(
+        capsys, "run", "kv-cache-plan", "-m", "tiny-llama", "--db", db,
+        *_params(method="duo", duo={"window": 0}),
+    )  # fmt: skip
+    _one_line_error(bad, "window")
+    assert _stored_runs(capsys, db) == 1
