@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 demo: setup
 	$(BIN)/headscope models pull smollm2-135m
-	$(BIN)/headscope run retrieval-heads --model smollm2-135m --plot out/retrieval-heads.png
+	$(BIN)/headscope run retrieval-heads --model smollm2-135m --dtype fast --plot out/retrieval-heads.png
 
 # The dashboard's browser tests drive headless Chromium (tests/helpers/browser.py).
 # As root (as in CI) a missing browser is installed from Debian's packages; otherwise

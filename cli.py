@@ -170,7 +170,7 @@ def DtypeOption():  # noqa: N802
         envvar="HEADSCOPE_DTYPE",
         show_envvar=True,
         help="Weight precision: auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), "
-        "float32, bfloat16, float16.",
+        "fast (as auto, but bfloat16 on CPUs with AMX), float32, bfloat16, float16.",
     )
 
 

@@ -77,9 +77,11 @@ def attention_logits(
     group = n_heads // n_kv
     q = query if rows is None else select_rows(query, rows)
     n = q.shape[2]
-    q = q.float().view(b, n_kv, group, n, d)
-    k = key.float()[:, :, None].transpose(-1, -2)  # [b, KV, 1, d, k]
-    logits = torch.matmul(q, k).view(b, n_heads, n, key.shape[2]) * scaling
+    # a query group's rows stacked against their shared key head: one batched
+    # matmul, without copying the key once per query head
+    q = q.float().reshape(b, n_kv, group * n, d)
+    logits = torch.matmul(q, key.float().transpose(-1, -2)).view(b, n_heads, n, key.shape[2])
+    logits = logits * scaling
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if heads is not None:

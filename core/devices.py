@@ -6,7 +6,9 @@
 is stored or any weights are read. `auto` picks the accelerator and its natural
 precision: CUDA in bfloat16 (float16 where the GPU lacks bfloat16), Apple MPS in
 float16, the CPU in float32; with several CUDA GPUs `auto` shards the model over
-them (`device_map="auto"`, accelerate).
+them (`device_map="auto"`, accelerate). `fast` is the precision the device
+multiplies fastest in hardware: as `auto` on accelerators, and bfloat16 on CPUs
+with AMX (about 3x faster than float32 there; elsewhere bfloat16 is emulated).
 
 `PeakMemory` measures what a run used, so the run can record it.
 """
@@ -33,7 +35,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
-DTYPE_CHOICES = "auto, " + ", ".join(DTYPES)
+DTYPE_CHOICES = "auto, fast, " + ", ".join(DTYPES)
 DEVICE_MAP_CHOICES = ("auto",)
 
 
@@ -123,10 +125,25 @@ def _natural_dtype(device: str) -> str:
     return "float32"
 
 
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix units (AMX), so bfloat16 runs faster
+    than float32 instead of slower."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check is not None and check())
+
+
+def _fast_dtype(device: str) -> str:
+    if device == "cpu":
+        return "bfloat16" if cpu_multiplies_bfloat16() else "float32"
+    return _natural_dtype(device)
+
+
 def _check_dtype(text: str, device: str) -> str:
     name = text.strip().lower()
     if name == "auto":
         return _natural_dtype(device)
+    if name == "fast":
+        return _fast_dtype(device)
     if name not in DTYPES:
         raise DeviceUnavailableError(
             f"unknown dtype {text!r}: use one of {DTYPE_CHOICES}",

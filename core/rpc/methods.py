@@ -62,7 +62,7 @@ class PlacementFields(_Params):
     )
     dtype: Name | None = Field(
         None,
-        description="auto, float32, bfloat16 or float16 (default: HEADSCOPE_DTYPE, else auto).",
+        description="auto, fast, float32, bfloat16 or float16 (default: HEADSCOPE_DTYPE, else auto).",
     )
     device_map: Literal["auto"] | None = Field(
         None, description="auto: shard the layers over every visible GPU."

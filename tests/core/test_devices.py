@@ -33,6 +33,21 @@ def test_auto_on_a_cpu_machine_is_cpu_float32(monkeypatch):
     assert resolve_placement("auto", "float16", "auto") == Placement("cpu", "float16")
 
 
+@pytest.mark.parametrize("amx, expected", [(True, "bfloat16"), (False, "float32")])
+def test_fast_is_bfloat16_only_on_cpus_that_multiply_it(monkeypatch, amx, expected):
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
+    monkeypatch.setattr(devices, "cpu_multiplies_bfloat16", lambda: amx)
+    assert resolve_placement("auto", "fast") == Placement("cpu", expected)
+    assert resolve_placement("cpu", "FAST") == Placement("cpu", expected)
+
+
+def test_fast_on_an_accelerator_is_its_natural_precision(monkeypatch):
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_placement(None, "fast") == Placement("cuda:0", "bfloat16")
+
+
 def test_auto_picks_the_accelerator_and_its_precision(monkeypatch):
     monkeypatch.setattr(devices, "_cuda_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
