@@ -8,6 +8,11 @@ by its whole group of query heads; query-head scores are pooled over the group
 (`pool_kv_scores`, max by default: a KV head is needed when any of its query heads
 needs the context).
 
+Layers that attend through the model's own sliding window (Gemma 2 and 3, Mistral)
+already keep a bounded cache: a plan leaves them as the model has them (marked
+full, `layer_windows` gives their window) and chooses only among the heads of the
+full-attention layers; their cache counts at the window's size.
+
 Formats:
 
 - JSON (`to_json` / `from_json`): everything, including the scores the plan was
@@ -49,6 +54,8 @@ class KVPlan:
     method: str = ""
     #: the per-KV-head score the plan was chosen from ([n_layers][n_kv_heads]), if any
     scores: tuple[tuple[float, ...], ...] | None = None
+    #: the model's own sliding window per layer (None: full attention); None: no layer slides
+    layer_windows: tuple[int | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.full or not self.full[0]:
@@ -62,6 +69,18 @@ class KVPlan:
             or any(len(row) != self.n_kv_heads for row in self.scores)
         ):
             raise InvalidParamsError("the plan's scores do not match its layers x KV heads")
+        if self.layer_windows is not None:
+            if len(self.layer_windows) != self.n_layers:
+                raise InvalidParamsError("the plan's layer_windows do not match its layers")
+            for layer, row in enumerate(self.full):
+                if self.layer_windows[layer] is not None and not all(row):
+                    raise InvalidParamsError(
+                        f"layer {layer} attends through the model's own sliding window: "
+                        "a plan keeps its heads as they are (full)"
+                    )
+
+    def layer_window(self, layer: int) -> int | None:
+        return None if self.layer_windows is None else self.layer_windows[layer]
 
     @property
     def n_layers(self) -> int:
@@ -113,6 +132,7 @@ class KVPlan:
             "full_heads": self.full_heads,
             "full": [[int(v) for v in row] for row in self.full],
             "scores": None if self.scores is None else [list(row) for row in self.scores],
+            "layer_windows": None if self.layer_windows is None else list(self.layer_windows),
         }
         return json.dumps(document, indent=2) + "\n"
 
@@ -127,6 +147,7 @@ class KVPlan:
         try:
             full = tuple(tuple(bool(_binary(v)) for v in row) for row in document["full"])
             scores = document.get("scores")
+            windows = document.get("layer_windows")
             plan = cls(
                 model=str(document["model"]),
                 full=full,
@@ -137,6 +158,9 @@ class KVPlan:
                 scores=None
                 if scores is None
                 else tuple(tuple(float(v) for v in row) for row in scores),
+                layer_windows=None
+                if windows is None
+                else tuple(None if w is None else int(w) for w in windows),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise InvalidParamsError(f"KV-cache plan is malformed: {error!r}") from None
@@ -199,23 +223,41 @@ def streaming_tokens(context_length: int, sink: int, window: int, compensate: bo
     return kept + int(compensate and context_length > sink + window)
 
 
+def cached_tokens(context_length: int, layer_window: int | None) -> int:
+    """Tokens a full head caches: the context, or the layer's own sliding window."""
+    return context_length if layer_window is None else min(context_length, layer_window)
+
+
 def kv_cache_bytes(
     plan: KVPlan, context_length: int, dtype: torch.dtype | str, head_dim: int
 ) -> int:
     """Bytes of K and V one sequence of `context_length` tokens keeps under the plan."""
     per_token = 2 * head_dim * dtype_bytes(dtype)  # K and V
-    streaming = plan.n_layers * plan.n_kv_heads - plan.full_heads
-    tokens = plan.full_heads * context_length + streaming * streaming_tokens(
-        context_length, plan.sink, plan.window, plan.compensate
-    )
+    streaming = streaming_tokens(context_length, plan.sink, plan.window, plan.compensate)
+    tokens = 0
+    for layer, row in enumerate(plan.full):
+        whole = cached_tokens(context_length, plan.layer_window(layer))
+        tokens += sum(whole if full else min(whole, streaming) for full in row)
     return tokens * per_token
 
 
 def full_cache_bytes(
-    n_layers: int, n_kv_heads: int, context_length: int, dtype: torch.dtype | str, head_dim: int
+    n_layers: int,
+    n_kv_heads: int,
+    context_length: int,
+    dtype: torch.dtype | str,
+    head_dim: int,
+    layer_windows: tuple[int | None, ...] | None = None,
 ) -> int:
     """Bytes of K and V of the full cache (every head full) for one sequence."""
-    return 2 * n_layers * n_kv_heads * context_length * head_dim * dtype_bytes(dtype)
+    windows = layer_windows or (None,) * n_layers
+    tokens = sum(cached_tokens(context_length, window) for window in windows)
+    return 2 * n_kv_heads * tokens * head_dim * dtype_bytes(dtype)
+
+
+def plannable_heads(n_kv_heads: int, layer_windows: tuple[int | None, ...]) -> torch.Tensor:
+    """bool [layers, KV heads]: the heads a plan chooses among (full-attention layers)."""
+    return torch.tensor([[w is None] * n_kv_heads for w in layer_windows], dtype=torch.bool)
 
 
 # -- choosing the full heads -------------------------------------------------------------
@@ -227,10 +269,12 @@ def full_heads_for_budget(
     sink: int = 0,
     window: int = 1,
     compensate: bool = False,
+    fixed_tokens: int = 0,
 ) -> int:
-    """How many KV heads keep the full cache: `budget` heads, or as many as fit in
-    `budget_fraction` of the full cache at `context_length` (streaming heads still
-    cost their sinks and window)."""
+    """How many of `n_kv_total` plannable KV heads keep the full cache: `budget`
+    heads, or as many as fit in `budget_fraction` of the full cache at
+    `context_length` (streaming heads still cost their sinks and window;
+    `fixed_tokens` is what the heads outside the plan, sliding-window layers, keep)."""
     if (budget is None) == (budget_fraction is None):
         raise InvalidParamsError("give a budget as a number of full KV heads or as a fraction")
     if budget is not None:
@@ -244,17 +288,20 @@ def full_heads_for_budget(
         raise InvalidParamsError("a budget fraction needs the context length it applies to")
     if not 0 <= budget_fraction <= 1:
         raise InvalidParamsError(f"budget_fraction {budget_fraction} is outside 0..1")
-    streaming = streaming_tokens(context_length, sink, window, compensate) / context_length
-    floor = min(1.0, streaming)
+    streaming = min(context_length, streaming_tokens(context_length, sink, window, compensate))
+    whole = fixed_tokens + n_kv_total * context_length
+    floor = (fixed_tokens + n_kv_total * streaming) / whole
     if budget_fraction < floor - 1e-12:
         raise InvalidParamsError(
             f"budget_fraction {budget_fraction:g} is below what streaming heads alone keep "
             f"at {context_length} tokens ({floor:.3f} of the full cache)"
         )
-    if floor >= 1.0:
+    if streaming >= context_length:
         return n_kv_total
-    # k full heads keep (k + (N - k) * floor) / N of the cache
-    fits = (budget_fraction - floor) * n_kv_total / (1 - floor)
+    # k full heads keep fixed + k * L + (N - k) * streaming of the cache's tokens
+    fits = (budget_fraction * whole - fixed_tokens - n_kv_total * streaming) / (
+        context_length - streaming
+    )
     return int(min(n_kv_total, math.floor(fits + 1e-9)))
 
 
@@ -272,21 +319,34 @@ def pool_kv_scores(scores: torch.Tensor, n_kv_heads: int, pooling: Pooling = "ma
     raise InvalidParamsError(f"unknown pooling {pooling!r} (max or mean)")
 
 
-def top_kv_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """bool [layers, KV heads]: the k best-scoring KV heads are full; ties go to the
-    earlier (layer, head), so a plan is deterministic."""
-    order = torch.argsort(scores.flatten(), descending=True, stable=True)[:k]
+def top_kv_mask(
+    scores: torch.Tensor, k: int, plannable: torch.Tensor | None = None
+) -> torch.Tensor:
+    """bool [layers, KV heads]: the k best-scoring plannable KV heads are full (the
+    others outside the plan stay full too); ties go to the earlier (layer, head), so
+    a plan is deterministic."""
+    plannable = torch.ones(scores.shape, dtype=torch.bool) if plannable is None else plannable
+    ranked = scores.double().masked_fill(~plannable, -math.inf)
+    order = torch.argsort(ranked.flatten(), descending=True, stable=True)[:k]
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
     mask[order] = True
-    return mask.view(scores.shape)
+    return mask.view(scores.shape) | ~plannable
 
 
-def random_kv_mask(shape: tuple[int, int], k: int, rng: np.random.Generator) -> torch.Tensor:
-    """bool [layers, KV heads] with k full heads drawn uniformly (the control)."""
-    total = shape[0] * shape[1]
-    mask = torch.zeros(total, dtype=torch.bool)
-    mask[torch.from_numpy(rng.choice(total, size=k, replace=False)).long()] = True
-    return mask.view(shape)
+def random_kv_mask(
+    shape: tuple[int, int],
+    k: int,
+    rng: np.random.Generator,
+    plannable: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """bool [layers, KV heads] with k of the plannable heads full, drawn uniformly
+    (the control); heads outside the plan stay full."""
+    plannable = torch.ones(shape, dtype=torch.bool) if plannable is None else plannable
+    candidates = plannable.flatten().nonzero().flatten()
+    mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+    chosen = rng.choice(len(candidates), size=k, replace=False)
+    mask[candidates[torch.from_numpy(chosen).long()]] = True
+    return mask.view(shape) | ~plannable
 
 
 def razor_scores(
@@ -325,9 +385,12 @@ def make_plan(
     compensate: bool,
     method: str,
     scores: torch.Tensor | None = None,
+    layer_windows: tuple[int | None, ...] | None = None,
 ) -> KVPlan:
     full = tuple(tuple(bool(v) for v in row) for row in mask.tolist())
     table = (
         None if scores is None else tuple(tuple(float(v) for v in row) for row in scores.tolist())
     )
-    return KVPlan(model, full, sink, window, compensate, method, table)
+    if layer_windows is not None and all(w is None for w in layer_windows):
+        layer_windows = None  # no layer slides: the plain form
+    return KVPlan(model, full, sink, window, compensate, method, table, layer_windows)

@@ -46,10 +46,12 @@ from headscope.core.tracing import forward, generate, make_batch, stop_token_ids
 from .analysis import RetrievalHeads, rouge1_recall
 from .kv_plan import (
     KVPlan,
+    cached_tokens,
     full_cache_bytes,
     full_heads_for_budget,
     kv_cache_bytes,
     make_plan,
+    plannable_heads,
     pool_kv_scores,
     random_kv_mask,
     razor_scores,
@@ -262,12 +264,23 @@ class KVCachePlan(Analysis):
                 f"context_length {params.budget_length} exceeds {handle.name}'s "
                 f"{handle.max_positions} positions"
             )
-        total = handle.n_layers * handle.n_kv_heads
+        total = int(cls._plannable(handle).sum())
+        if total == 0:
+            raise param_error(
+                "method",
+                f"every layer of {handle.name} attends through its own sliding window: "
+                "there is no full cache to plan",
+            )
         if params.budget is not None and params.budget > total:
             raise param_error(
                 "budget",
                 f"{params.budget} full KV heads is more than {handle.name}'s {total} KV heads "
-                f"({handle.n_layers} layers x {handle.n_kv_heads})",
+                f"that keep a full cache ({handle.n_layers} layers x {handle.n_kv_heads}"
+                + (
+                    ", less its sliding-window layers)"
+                    if total < handle.n_layers * handle.n_kv_heads
+                    else ")"
+                ),
             )
         if params.budget_fraction is not None:
             cls._full_heads(params, handle)  # below what streaming alone keeps: an error
@@ -372,17 +385,29 @@ class KVCachePlan(Analysis):
         return handle.encode("\n\n".join(documents + extra))
 
     @staticmethod
-    def _full_heads(params: KVPlanParams, handle, fraction: float | None = None, length=None):
-        total = handle.n_layers * handle.n_kv_heads
+    def _layer_windows(handle) -> tuple[int | None, ...]:
+        """The model's own sliding window per layer (None: full attention)."""
+        return tuple(handle.adapter.sliding_window(layer) for layer in range(handle.n_layers))
+
+    @classmethod
+    def _plannable(cls, handle) -> torch.Tensor:
+        return plannable_heads(handle.n_kv_heads, cls._layer_windows(handle))
+
+    @classmethod
+    def _full_heads(cls, params: KVPlanParams, handle, fraction: float | None = None, length=None):
+        total = int(cls._plannable(handle).sum())
         if fraction is None and params.budget is not None:
             return full_heads_for_budget(total, budget=params.budget)
+        length = length or params.budget_length
+        sliding = [w for w in cls._layer_windows(handle) if w is not None]
         return full_heads_for_budget(
             total,
             budget_fraction=params.budget_fraction if fraction is None else fraction,
-            context_length=length or params.budget_length,
+            context_length=length,
             sink=params.sink,
             window=params.window,
             compensate=params.compensate,
+            fixed_tokens=handle.n_kv_heads * sum(cached_tokens(length, w) for w in sliding),
         )
 
     # -- the run --------------------------------------------------------------------------
@@ -396,7 +421,8 @@ class KVCachePlan(Analysis):
             k = self._full_heads(params, handle)
         else:  # the method's own rule
             k = int((kv_scores > RULE_THRESHOLDS[params.method]).sum())
-        plan = self._plan(handle, params, top_kv_mask(kv_scores, k), params.method, kv_scores)
+        mask = top_kv_mask(kv_scores, k, self._plannable(handle))
+        plan = self._plan(handle, params, mask, params.method, kv_scores)
         finding.add_head_scores("kv_score", kv_scores)
         finding.add_head_scores("kv_full", plan.mask().double())
         finding.add_metric("plan_full_heads", plan.full_heads)
@@ -467,21 +493,29 @@ class KVCachePlan(Analysis):
             out[metric] = values
         return out
 
-    @staticmethod
-    def _plan(handle, params, mask, method, scores=None) -> KVPlan:
+    @classmethod
+    def _plan(cls, handle, params, mask, method, scores=None) -> KVPlan:
         return make_plan(
-            handle.name, mask, params.sink, params.window, params.compensate, method, scores
+            handle.name,
+            mask,
+            params.sink,
+            params.window,
+            params.compensate,
+            method,
+            scores,
+            cls._layer_windows(handle),
         )
 
     def _settings(self, ctx, params, handle, plan, kv_scores) -> tuple[list[_Setting], list[str]]:
         shape = (handle.n_layers, handle.n_kv_heads)
+        plannable = self._plannable(handle)
         full = torch.ones(shape, dtype=torch.bool)
-        none = torch.zeros(shape, dtype=torch.bool)
+        none = ~plannable  # sliding-window layers keep their own window
         settings, skipped = [], []
 
         def randoms(k: int) -> list[KVPlan]:
             return [
-                self._plan(handle, params, random_kv_mask(shape, k, ctx.rng), "random")
+                self._plan(handle, params, random_kv_mask(shape, k, ctx.rng, plannable), "random")
                 for _ in range(params.random_draws)
             ]
 
@@ -512,7 +546,7 @@ class KVCachePlan(Analysis):
                         length,
                         "plan-random",
                         None,
-                        randoms(plan.full_heads),
+                        randoms(int((plan.mask() & plannable).sum())),
                     )
                 )
             for budget in params.eval_budgets:
@@ -522,7 +556,7 @@ class KVCachePlan(Analysis):
                     skipped.append(f"{budget:g} at {length} tokens")
                     continue
                 name = _budget_name(budget)
-                mask = top_kv_mask(kv_scores, k)
+                mask = top_kv_mask(kv_scores, k, plannable)
                 settings.append(
                     _Setting(
                         f"{params.method}_{name}_{length}",
@@ -617,7 +651,12 @@ class KVCachePlan(Analysis):
             first = setting.plans[0]
             kv = kv_cache_bytes(first, setting.length, dtype, head_dim)
             whole = full_cache_bytes(
-                first.n_layers, first.n_kv_heads, setting.length, dtype, head_dim
+                first.n_layers,
+                first.n_kv_heads,
+                setting.length,
+                dtype,
+                head_dim,
+                first.layer_windows,
             )
             values = {
                 "needle_accuracy": float(np.mean(setting.accuracy)),
@@ -744,7 +783,7 @@ def _accuracy_figure(method: str, settings: list[_Setting], model: str):
         label = kind if len(lengths) == 1 else f"{kind} ({setting.length} tokens)"
         first = setting.plans[0]
         fraction = kv_cache_bytes(first, setting.length, "float32", 1) / full_cache_bytes(
-            first.n_layers, first.n_kv_heads, setting.length, "float32", 1
+            first.n_layers, first.n_kv_heads, setting.length, "float32", 1, first.layer_windows
         )
         xs, ys = series.setdefault(label, ([], []))
         xs.append(fraction)

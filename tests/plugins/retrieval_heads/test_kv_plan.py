@@ -14,6 +14,7 @@ from headscope.plugins.retrieval_heads.kv_plan import (
     full_heads_for_budget,
     kv_cache_bytes,
     make_plan,
+    plannable_heads,
     pool_kv_scores,
     random_kv_mask,
     razor_scores,
@@ -153,3 +154,43 @@ def test_tsv_is_duoattentions_pattern_file_and_round_trips():
         KVPlan.from_tsv("1\t0\n1\n", "m", 4, 16)
     with pytest.raises(InvalidParamsError, match="empty"):
         KVPlan.from_tsv("\n", "m", 4, 16)
+
+
+# -- models whose layers slide (Gemma 2 and 3: local layers with their own window) ----------
+WINDOWS = (8, None, 8)  # layer 1 attends to the whole context
+
+
+def test_sliding_window_layers_stay_as_the_model_has_them():
+    plannable = plannable_heads(2, WINDOWS)
+    assert plannable.tolist() == [[False, False], [True, True], [False, False]]
+    scores = torch.tensor([[0.9, 0.9], [0.1, 0.5], [0.9, 0.9]])
+    # the best heads of the sliding layers are not chosen: they are full already
+    assert top_kv_mask(scores, 1, plannable).tolist() == [[True, True], [False, True], [True, True]]
+    drawn = random_kv_mask((3, 2), 1, np.random.default_rng(0), plannable)
+    assert drawn[0].all() and drawn[2].all() and int(drawn[1].sum()) == 1
+    with pytest.raises(InvalidParamsError, match="own sliding window"):
+        make_plan("m", torch.tensor([[False, True], [True, True], [True, True]]), 2, 4,
+                  False, "x", layer_windows=WINDOWS)  # fmt: skip
+    plan = make_plan("m", drawn, 2, 4, True, "random", layer_windows=WINDOWS)
+    assert KVPlan.from_json(plan.to_json()) == plan
+    assert plan.streaming_heads() == {1: [int(drawn[1].logical_not().nonzero())]}
+
+
+def test_sliding_window_caches_count_at_their_window():
+    # head_dim 4, float32: 32 bytes per token per head; 100 tokens, sink 2 + window 4
+    plan = make_plan(
+        "m", torch.tensor([[True, True], [True, False], [True, True]]), 2, 4, False, "x",
+        layer_windows=WINDOWS,
+    )  # fmt: skip
+    assert kv_cache_bytes(plan, 100, "float32", 4) == 32 * (4 * 8 + 100 + 6)
+    assert full_cache_bytes(3, 2, 100, "float32", 4, WINDOWS) == 32 * (4 * 8 + 2 * 100)
+    assert full_cache_bytes(3, 2, 6, "float32", 4, WINDOWS) == 32 * 6 * 6  # shorter than 8
+    # the budget counts the sliding layers' fixed 4 x 8 tokens: k full heads of 2 keep
+    # (32 + 100 k + 6 (2 - k)) / 232 of the cache
+    kwargs = {"context_length": 100, "sink": 2, "window": 4, "fixed_tokens": 32}
+    assert full_heads_for_budget(2, budget_fraction=44 / 232, **kwargs) == 0
+    assert full_heads_for_budget(2, budget_fraction=138 / 232, **kwargs) == 1
+    assert full_heads_for_budget(2, budget_fraction=137 / 232, **kwargs) == 0
+    assert full_heads_for_budget(2, budget_fraction=1.0, **kwargs) == 2
+    with pytest.raises(InvalidParamsError, match="below what streaming heads alone keep"):
+        full_heads_for_budget(2, budget_fraction=43 / 232, **kwargs)

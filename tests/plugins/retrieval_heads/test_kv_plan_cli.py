@@ -244,3 +244,44 @@ def test_duo_gates_trained_in_the_run_choose_the_plan(capsys, tmp_path):
     )  # fmt: skip
     _one_line_error(bad, "window")
     assert _stored_runs(capsys, db) == 1
+
+
+def test_sliding_window_layers_are_left_to_the_model(capsys, tmp_path):
+    # tiny Gemma 3: layers 0 and 2 attend through their own 8-token window, layer 1 to
+    # everything; only layer 1's KV heads are planned, and its cache is most of the bytes
+    db = str(tmp_path / "k.db")
+    result = run_cli(
+        capsys, "run", "kv-cache-plan", "-m", "tiny-gemma3", "-f", "json", "--db", db,
+        *_params(method="random", budget=1, eval_budgets=[0.5], eval_plan=True),
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    document = result.json()
+    full = {
+        (r["layer"], r["head"]): r["value"]
+        for r in document["head_scores"]
+        if r["metric"] == "kv_full"
+    }
+    heads = len(full) // 3
+    assert all(full[(layer, head)] == 1 for layer in (0, 2) for head in range(heads))
+    assert sum(full[(1, head)] for head in range(heads)) == 1
+    metrics = document["metrics"]
+    assert metrics["streaming_300.full_heads"] == 2 * heads  # the sliding layers'
+    # full cache: 2 sliding layers x 8 tokens + 300 tokens, per KV head
+    fraction = metrics["streaming_300.kv_fraction"]
+    assert fraction == pytest.approx((2 * 8 + 20) / (2 * 8 + 300))
+    run_id = document["run"]["id"]
+    exported = run_cli(
+        capsys, "runs", "export", str(run_id), "--format", "kv-plan-json", "--db", db
+    )
+    plan = KVPlan.from_json(exported.out)
+    assert plan.layer_windows == (8, None, 8)
+
+
+def test_a_model_whose_every_layer_slides_has_nothing_to_plan(capsys, tmp_path):
+    db = str(tmp_path / "k.db")
+    result = run_cli(
+        capsys, "run", "kv-cache-plan", "-m", "tiny-mistral", "--db", db,
+        *_params(method="random", budget=1),
+    )  # fmt: skip
+    _one_line_error(result, "sliding window")
+    assert _stored_runs(capsys, db) == 0
