@@ -93,7 +93,8 @@ class KVPlanParams(BaseModel):
         ge=1,
         le=MAX_INT,
         description="Take the scores from this run (retrieval-heads for retrieval, "
-        "head-detector for razor) instead of scoring heads in this run.",
+        "head-detector for razor, an earlier duo kv-cache-plan run for its gates) instead "
+        "of scoring heads in this run.",
     )
     score_params: dict[str, Any] = Field(
         default_factory=dict,
@@ -200,8 +201,10 @@ class KVPlanParams(BaseModel):
             raise ValueError("give budget or budget_fraction, not both")
         if self.method == "random" and self.budget is None and self.budget_fraction is None:
             raise ValueError("method random needs budget or budget_fraction")
-        if self.from_run is not None and self.method not in ("retrieval", "razor"):
-            raise ValueError(f"method {self.method} scores heads itself: from_run does not apply")
+        if self.from_run is not None and self.method == "random":
+            raise ValueError("method random draws its heads: from_run does not apply")
+        if self.from_run is not None and self.duo:
+            raise ValueError("duo settings train gates here, not with from_run")
         if self.score_params and self.method not in ("retrieval", "razor"):
             raise ValueError(f"method {self.method} has no scoring run: score_params do not apply")
         if self.from_run is not None and self.score_params:
@@ -305,7 +308,7 @@ class KVCachePlan(Analysis):
         if params.from_run is None and params.method in ("retrieval", "razor"):
             scorer = cls._scorer(params, registry)
             scorer.check(scorer.parse_params(cls._score_params(params)), handle, registry)
-        if params.method == "duo":
+        if params.method == "duo" and params.from_run is None:
             cls._duo_settings(params)
 
     @classmethod
@@ -316,6 +319,13 @@ class KVCachePlan(Analysis):
         if run.model != model:
             raise param_error(
                 "from_run", f"run {run.id} is on {run.model}, not {model}: scores do not transfer"
+            )
+        if params.method == "duo" and (run.analysis, run.params.get("method")) != (
+            cls.name,
+            "duo",
+        ):
+            raise param_error(
+                "from_run", f"run {run.id} is a {run.analysis} run, not a kv-cache-plan duo run"
             )
         if run.status == "succeeded":
             for metric in cls._score_metrics(params):
@@ -335,6 +345,8 @@ class KVCachePlan(Analysis):
     def _score_metrics(params: KVPlanParams) -> list[str]:
         if params.method == "razor":
             return list(RAZOR_METRICS.values())
+        if params.method == "duo":
+            return ["kv_score"]  # the gates, per KV head
         return ["retrieval_score"]
 
     @staticmethod
@@ -440,6 +452,13 @@ class KVCachePlan(Analysis):
         handle = ctx.model
         if params.method == "random":
             return torch.from_numpy(ctx.rng.random((handle.n_layers, handle.n_kv_heads)))
+        if params.method == "duo" and params.from_run is not None:
+            finding.add_metric("scores_from_run", params.from_run)
+            table = ctx.findings.head_scores(params.from_run, "kv_score")
+            gates = torch.zeros(handle.n_layers, handle.n_kv_heads, dtype=torch.float64)
+            for (layer, head), value in table.items():
+                gates[layer, head] = value
+            return gates
         if params.method == "duo":
             from .duo import train_gates
 

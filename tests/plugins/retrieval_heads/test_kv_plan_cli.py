@@ -159,6 +159,7 @@ def test_random_plans_are_seeded(capsys, tmp_path):
         ({"score_params": {"lengths": [2000]}}, "exceed tiny-llama's 512 positions"),
         ({"score_params": {"nonsense": 1}}, "nonsense"),
         ({"from_run": 99}, "no run with id 99"),
+        ({"method": "random", "budget": 2, "from_run": 1}, "from_run does not apply"),
     ],
 )
 def test_bad_params_are_clear_errors_and_store_nothing(capsys, tmp_path, values, expected):
@@ -244,6 +245,28 @@ def test_duo_gates_trained_in_the_run_choose_the_plan(capsys, tmp_path):
     )  # fmt: skip
     _one_line_error(bad, "window")
     assert _stored_runs(capsys, db) == 1
+    # the gates of run 1 choose a plan at another budget without training again
+    again = run_cli(
+        capsys, "run", "kv-cache-plan", "-m", "tiny-llama", "-f", "json", "--db", db,
+        *_params(method="duo", from_run=1, budget=4, eval_budgets=[]),
+    )  # fmt: skip
+    assert again.code == 0, again.err
+
+    def gates(document):
+        return {
+            (r["layer"], r["head"]): r["value"]
+            for r in document["head_scores"]
+            if r["metric"] == "kv_score"
+        }
+
+    assert gates(again.json()) == gates(result.json())
+    assert again.json()["metrics"]["plan_full_heads"] == 4
+    source = _retrieval_run(db)
+    refused = run_cli(
+        capsys, "run", "kv-cache-plan", "-m", "tiny-llama", "--db", db,
+        *_params(method="duo", from_run=source),
+    )  # fmt: skip
+    _one_line_error(refused, "not a kv-cache-plan duo run")
 
 
 def test_sliding_window_layers_are_left_to_the_model(capsys, tmp_path):
