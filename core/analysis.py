@@ -35,6 +35,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from .budget import MemoryBudget
 from .errors import (
     CancelledError,
+    HeadscopeError,
     InvalidParamsError,
     RunNotFoundError,
     param_error,
@@ -199,8 +200,23 @@ class RunContext:
     @property
     def model(self) -> ModelHandle:
         if self._model is None:
+            if self._model_loader is None:
+                raise HeadscopeError("this copy of the run context has no model")
             self._model = self._model_loader()
         return self._model
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The copy a remote request ships with code that holds the context: no
+        model loader, progress, findings or registry (the server has none of them)."""
+        state = dict(self.__dict__)
+        for name in ("_model_loader", "_model", "_progress", "findings", "registry"):
+            state[name] = None
+        del state["_cancel"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cancel = threading.Event()
 
     def torch_generator(self, offset: int = 0) -> torch.Generator:
         """A torch generator seeded from the run seed (offset for independent streams)."""

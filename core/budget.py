@@ -173,11 +173,25 @@ def run_batched(
     `run_batch(group)` returns one result per item of the group. Longest items come
     first (an out-of-memory error shows at once), and a batch holds items of similar
     length (`MAX_PADDING`, `PADDING_TOKENS`). On out-of-memory the batch size is halved and the same
-    items are tried again; the smaller size is kept for the rest.
+    items are tried again; the smaller size is kept for the rest. On a remote model
+    the whole loop runs on the server as one request (`ModelHandle.in_one_request`),
+    and progress comes once, at the end.
     `progress(done, total)` is called after each batch. `rows_per_item`: the prompt
     rows one item puts in the pass (e.g. a head patched into stacked copies of a
     chunk of prompts), so the budget is divided by that many rows per item.
     """
+    if getattr(handle, "remote", False):
+        # every batch in one request; the server sizes and halves them itself
+        results = handle.in_one_request(
+            lambda: run_batched(
+                handle, items, run_batch, tokens, budget, max_batch, None, rows_per_item
+            )
+        )
+        if progress is not None:
+            progress(len(items), len(items))
+        return results
+    if getattr(handle, "in_request", False):
+        progress = None  # on the server: nobody to report to
     budget = budget or MemoryBudget()
     order = sorted(range(len(items)), key=lambda i: -tokens(items[i]))
     results: list[Any] = [None] * len(items)

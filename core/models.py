@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +185,39 @@ class ModelHandle:
     remote: bool | str = False  # False, True (NDIF) or "local" (serialisation dry run)
     placement: Placement | None = None  # None for remote models (the server decides)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    #: True while traces run inside one remote request (`in_one_request`), and on the
+    #: server's copy of a handle: those traces are the request's own, not new requests
+    in_request: bool = False
+
+    # -- remote requests -------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """The copy a remote request ships: on the server the model is local, and the
+        traces it runs belong to that request."""
+        state = dict(self.__dict__)
+        del state["lock"]
+        return {**state, "remote": False, "in_request": True}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
+
+    def in_one_request(self, work: Callable[[], Any]) -> Any:
+        """`work()` with every trace it runs sent to the server as one request (an
+        nnsight session), so a remote analysis pays one round trip, not one per trace.
+
+        `work` runs on the server: what it returns comes back, and it must not report
+        progress or touch anything outside the model and its own inputs.
+        """
+        nnsight = import_nnsight()
+        with self.lock:
+            remote = self.remote
+            self.remote, self.in_request = False, True
+            try:
+                with self.model.session(remote=remote):
+                    result = nnsight.save(work())
+            finally:
+                self.remote, self.in_request = remote, False
+        return result
 
     # -- sizes (from the adapter) ----------------------------------------------------
     @property

@@ -50,6 +50,7 @@ class PairOutcome(NamedTuple):
     clean: torch.Tensor
     corrupted: torch.Tensor
     changes: dict[str, torch.Tensor]
+    passes: int  # forward passes its chunk ran, on the chunk's first pair (else 0)
 
 
 def repeat_batch(batch: Batch, copies: int) -> Batch:
@@ -79,20 +80,20 @@ def patch_every_head(
     layers = list(range(handle.n_layers))
     total = len(directions) * len(heads) * len(data)  # patched prompt rows
     finished = 0  # pairs whose chunk is done
-    passes = 0
 
     def run_chunk(pairs: list[TaskPair]) -> list[PairOutcome]:
-        nonlocal passes
         chunk = data.with_pairs(pairs)
         size = len(chunk)
         metric = chunk.metric()
         batches = {"clean": chunk.clean_batch(handle), "corrupted": chunk.corrupted_batch(handle)}
+        # passes counted in a list, not `nonlocal`: on a remote model this runs on
+        # the server, and the count comes back with the outcomes
+        passes = [len(batches)]
         outputs, metrics = {}, {}
         for name, batch in batches.items():
             result = forward(handle, batch, [HeadOutputs(layers)])
             outputs[name] = {layer: result.get("heads", layer) for layer in layers}
             metrics[name] = metric(result.logits)
-            passes += 1
         changes = {}
         for index, direction in enumerate(directions):
             base, source = (
@@ -100,7 +101,6 @@ def patch_every_head(
             )
 
             def patch_group(group, base=base, source=source) -> list[torch.Tensor]:
-                nonlocal passes
                 batch = repeat_batch(batches[base], len(group))
                 patch = RowHeadPatch(
                     row_heads=[[head] for head in group for _ in range(size)],
@@ -108,7 +108,7 @@ def patch_every_head(
                     source_rows=list(range(size)) * len(group),
                 )
                 logits = forward(handle, batch, [patch]).logits
-                passes += 1
+                passes.append(1)
                 changed = metric.tiled(len(group))(logits).view(len(group), size)
                 return list(changed - metrics[base])  # per head: [size]
 
@@ -134,6 +134,7 @@ def patch_every_head(
                 metrics["clean"][row],
                 metrics["corrupted"][row],
                 {d: c[row] for d, c in changes.items()},
+                sum(passes) if row == 0 else 0,
             )
             for row in range(size)
         ]
@@ -160,7 +161,7 @@ def patch_every_head(
         },
         clean=torch.stack([p.clean for p in per_pair]),
         corrupted=torch.stack([p.corrupted for p in per_pair]),
-        forward_passes=passes,
+        forward_passes=sum(p.passes for p in per_pair),
     )
 
 

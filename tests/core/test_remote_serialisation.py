@@ -13,7 +13,7 @@ import torch
 from headscope.core import tracing as T
 
 from helpers.models import tiny_handle
-from helpers.reference import local_and_remote
+from helpers.reference import last_row_argmax, local_and_remote
 
 PROMPTS = ["Remote execution check, one.", "And two"]
 
@@ -68,3 +68,55 @@ def test_generation_primitives_serialise(family):
     assert local.tokens == remote.tokens
     for a, b in zip(local.steps, remote.steps, strict=True):
         _same(a, b)
+
+
+def test_a_batch_loop_is_one_request_and_gives_the_local_results(monkeypatch):
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    from headscope.core.budget import MemoryBudget, run_batched
+
+    handle = tiny_handle("llama")
+    prompts = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8], [9, 9, 9], [5, 4, 3, 2]]
+    one_each = MemoryBudget(1)  # a budget of one prompt per pass: four batches
+    local = run_batched(handle, prompts, lambda g: last_row_argmax(handle, g), len, one_each)
+    requests, send = [], LocalSimulationBackend.__call__
+    monkeypatch.setattr(
+        LocalSimulationBackend, "__call__", lambda self, t: requests.append(1) or send(self, t)
+    )
+    reported = []
+    handle.remote = "local"
+    try:
+        remote = run_batched(
+            handle, prompts, lambda g: last_row_argmax(handle, g), len, one_each,
+            progress=lambda done, total: reported.append((done, total)),
+        )  # fmt: skip
+    finally:
+        handle.remote = False
+    assert len(requests) == 1
+    assert reported == [(4, 4)]  # the server reports nothing; the end is reported here
+    assert not handle.in_request
+    for a, b in zip(local, remote, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_shipped_handle_and_context_are_the_servers_own():
+    import pickle
+
+    from headscope.core.analysis import RunContext
+    from headscope.core.models import ModelHandle
+
+    handle = tiny_handle("llama")
+    handle.remote = True
+    try:
+        shipped = ModelHandle.__new__(ModelHandle)  # as the request's pickler rebuilds it
+        shipped.__setstate__(handle.__getstate__())
+    finally:
+        handle.remote = False
+    assert shipped.remote is False and shipped.in_request  # traces there are the request's
+    assert shipped.lock is not handle.lock
+    ctx = RunContext(lambda: handle, seed=5, progress=lambda *a: True, max_memory=1000)
+    copy = pickle.loads(pickle.dumps(ctx))
+    copy.progress(1, 2, "on the server")  # reports to nobody, cancels nothing
+    assert not copy.cancelled and copy.seed == 5 and copy.budget.max_bytes == 1000
+    with pytest.raises(Exception, match="no model"):
+        _ = copy.model

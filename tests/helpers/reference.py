@@ -319,3 +319,13 @@ def greedy_without_cache(model, input_ids, attention_mask, steps: int):
             ids = torch.cat([ids, last.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return ids[:, input_ids.shape[1] :], torch.stack(logits, 1)
+
+
+def last_row_argmax(handle, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Each prompt's last-row attention argmax in layer 1 [H, 1], in its own positions:
+    a batch step that can run on a server (helpers ship by value; test modules do not)."""
+    from headscope.core import tracing as T
+
+    batch = T.make_batch(handle, prompts)
+    result = T.forward(handle, batch, [T.AttentionRows([0, 1], [-1], output="argmax")])
+    return [result.get("rows", 1)[row] - pad for row, pad in enumerate(batch.pads)]

@@ -3,7 +3,9 @@
 remote="local" serialises each trace as a request to NDIF would be and runs it
 from the deserialised copy, so an analysis that passes here can run on a
 `remote:` model. Each runs on a tiny model with small params, once locally and
-once through that path, and must store the same findings.
+once through that path, and must store the same findings. Batched prompts go to
+the server as one request per batch loop (an nnsight session), so the remote run
+sends fewer requests than the local run makes traces.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def small_params(analysis: str, task: str) -> dict:
             "reference_top_k": 3,
         },
         "context-heads": {"n_examples": 6, "batch_size": 6, "max_new_tokens": 2},
+        "attention-sinks": {
+            "task": task,
+            "n_examples": 4,
+            "min_layer": 0,
+            "random_draws": 1,
+            "bootstrap": 100,
+            "batch_size": 1,
+        },
         "attention-modulation": {
             "n_examples": 6,
             "batch_size": 6,
@@ -88,11 +98,37 @@ BUILT_IN = (
     "sae-circuit",
     "context-heads",
     "attention-modulation",
+    "attention-sinks",
 )
 
 
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of traces run (forward passes and generations) and of remote requests."""
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+    from nnsight.intervention.tracer import InterleavingTracer
+
+    counts = {"traces": 0, "requests": 0}
+    leave = InterleavingTracer.__exit__
+
+    def leaving(self, *args):
+        counts["traces"] += 1
+        return leave(self, *args)
+
+    monkeypatch.setattr(InterleavingTracer, "__exit__", leaving)
+    send = LocalSimulationBackend.__call__
+
+    def sending(self, tracer):
+        counts["requests"] += 1
+        return send(self, tracer)
+
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", sending)
+    return counts
+
+
 def run_once(store, registry, handle, analysis: str, params: dict) -> dict:
-    prepared = jobs.prepare(registry, analysis, handle.name, params, seed=3)
+    # a budget of one prompt per pass: many batches, so grouping them shows
+    prepared = jobs.prepare(registry, analysis, handle.name, params, seed=3, max_memory=1)
     jobs.check_against_model(prepared, handle, registry)
     run_id = jobs.record(store, prepared)
     summary = jobs.execute(store, registry, run_id, prepared, model_loader=lambda: handle)
@@ -104,13 +140,14 @@ def run_once(store, registry, handle, analysis: str, params: dict) -> dict:
 
 
 @pytest.mark.parametrize("analysis", BUILT_IN)
-def test_analysis_runs_through_remote_serialisation(analysis, task, tmp_path):
+def test_analysis_runs_through_remote_serialisation(analysis, task, tmp_path, counted):
     registry = build_registry()
     assert set(BUILT_IN) <= set(registry.analyses)
     store = Store(str(tmp_path / "remote.db"))
     handle = tiny_handle("llama")
     params = small_params(analysis, task)
     local = run_once(store, registry, handle, analysis, params)
+    traces = counted["traces"]
     handle.remote = "local"
     try:
         remote = run_once(store, registry, handle, analysis, params)
@@ -119,3 +156,4 @@ def test_analysis_runs_through_remote_serialisation(analysis, task, tmp_path):
     assert local and local.keys() == remote.keys()
     for key, value in local.items():
         assert remote[key] == pytest.approx(value, abs=1e-4), key
+    assert 1 <= counted["requests"] < traces, counted
