@@ -37,6 +37,11 @@ MAX_BATCH = 64
 #: or at most PADDING_TOKENS tokens (short prompts: a pass costs more than a few pads)
 MAX_PADDING = 0.1
 PADDING_TOKENS = 16
+#: on a CPU a pass takes at most this many tokens (prompt rows x width): a CPU has no
+#: parallel width to fill, and a pass whose activations outgrow its caches costs more
+#: per token than the same prompts in smaller passes (`bench/cpu_batch_width.py`:
+#: 12 prompts of 2,000 tokens in one pass take 1.18x as long as one at a time)
+CPU_TOKENS_PER_PASS = 4096
 
 _UNITS = {
     "": 1,
@@ -152,8 +157,11 @@ class MemoryBudget:
         self, handle: Any, tokens: int, limit: int = MAX_BATCH, rows_per_item: int = 1
     ) -> int:
         """Items of `rows_per_item` prompt rows of `tokens` tokens that fit at once
-        (at least 1, at most `limit`)."""
+        (at least 1, at most `limit`; on a CPU, at most `CPU_TOKENS_PER_PASS` tokens)."""
         fits = self.available(handle) // max(row_bytes(handle, tokens) * rows_per_item, 1)
+        device, _ = _model_device_and_dtype(handle.hf_model)
+        if device.type == "cpu":
+            fits = min(fits, CPU_TOKENS_PER_PASS // max(tokens * rows_per_item, 1))
         return int(max(1, min(limit, fits)))
 
 
