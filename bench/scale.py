@@ -202,22 +202,25 @@ def part_c(handle, params: dict) -> dict:
             "jaccard": jaccard}  # fmt: skip
 
 
-def _mean_scores(handle, tests, max_new_tokens):
+def _mean_scores(handle, tests, max_new_tokens, budget=None):
     started = time.perf_counter()
-    outcomes = [o for o in _score(handle, tests, max_new_tokens) if o.counted]
+    outcomes = [o for o in _score(handle, tests, max_new_tokens, budget) if o.counted]
     seconds = time.perf_counter() - started
     return torch.stack([o.scores for o in outcomes]).mean(0), len(outcomes), seconds
 
 
-def part_d(handle, lengths, depths, max_new_tokens: int) -> dict:
+def part_d(handle, lengths, depths, max_new_tokens: int, one_at_a_time: bool = False) -> dict:
+    from headscope.core.budget import MemoryBudget
     from headscope.core.devices import cpu_multiplies_bfloat16
     from headscope.plugins.retrieval_heads.analysis import top_heads
 
     tests = _tests(handle, lengths, depths)
-    full, counted_full, full_s = _mean_scores(handle, tests, max_new_tokens)
+    # bfloat16 rounding depends on the shapes multiplied, so on how tests are batched
+    budget = MemoryBudget(1) if one_at_a_time else None
+    full, counted_full, full_s = _mean_scores(handle, tests, max_new_tokens, budget)
     handle.hf_model.to(torch.bfloat16)
     try:
-        half, counted_half, half_s = _mean_scores(handle, tests, max_new_tokens)
+        half, counted_half, half_s = _mean_scores(handle, tests, max_new_tokens, budget)
     finally:
         handle.hf_model.to(torch.float32)
     top_full, top_half = set(top_heads(full, 10)), set(top_heads(half, 10))
@@ -226,7 +229,8 @@ def part_d(handle, lengths, depths, max_new_tokens: int) -> dict:
     gap = float((full - half).abs().max())
     beyond = int(((full - half).abs() > 0.02).sum())
     print(
-        f"(d) bfloat16 vs float32 on {len(tests)} tests (counted {counted_half} vs "
+        f"(d) bfloat16 vs float32 on {len(tests)} tests"
+        f"{', one at a time' if one_at_a_time else ''} (counted {counted_half} vs "
         f"{counted_full}): top-10 heads shared {len(top_full & top_half)}/10, largest score "
         f"difference {gap:.4f} (target: 10/10 and <= 0.02; {beyond} of {full.numel()} heads "
         f"differ by more); heads above 0.1 "
@@ -249,6 +253,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2000, help="(a) prompt length")
     parser.add_argument("--lengths", default="1000,2000,4000,8000", help="(b) lengths")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--one-at-a-time", action="store_true", help="(d) score the tests one per pass"
+    )
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/results/scale-memory.png")
     parser.add_argument("--child", choices=["headscope", "published"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,7 +284,9 @@ def main() -> None:
     if "c" in parts:
         results["c"] = part_c(handle, run_params)
     if "d" in parts:
-        results["d"] = part_d(handle, precision_lengths, depths, args.max_new_tokens)
+        results["d"] = part_d(
+            handle, precision_lengths, depths, args.max_new_tokens, args.one_at_a_time
+        )
     print(json.dumps(results))
 
 
