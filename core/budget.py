@@ -40,7 +40,8 @@ PADDING_TOKENS = 16
 #: on a CPU a pass takes at most this many tokens (prompt rows x width): a CPU has no
 #: parallel width to fill, and a pass whose activations outgrow its caches costs more
 #: per token than the same prompts in smaller passes (`bench/cpu_batch_width.py`:
-#: 12 prompts of 2,000 tokens in one pass take 1.18x as long as one at a time)
+#: 12 prompts of 2,000 tokens in one pass take 1.18x as long as one at a time, and a
+#: model of Llama-3.2-1B's width slows down past the same number of tokens)
 CPU_TOKENS_PER_PASS = 4096
 
 _UNITS = {
