@@ -120,3 +120,18 @@ def test_the_shipped_handle_and_context_are_the_servers_own():
     assert not copy.cancelled and copy.seed == 5 and copy.budget.max_bytes == 1000
     with pytest.raises(Exception, match="no model"):
         _ = copy.model
+
+
+def test_an_error_on_the_server_comes_back_and_leaves_the_handle_remote():
+    from headscope.core.budget import run_batched
+    from headscope.core.errors import ContextTooLongError
+
+    handle = tiny_handle("llama")
+    too_long = [[1] * (handle.max_positions + 1)]
+    handle.remote = "local"
+    try:
+        with pytest.raises(ContextTooLongError, match="positions"):
+            run_batched(handle, too_long, lambda g: last_row_argmax(handle, g), len)
+        assert handle.remote == "local" and not handle.in_request
+    finally:
+        handle.remote = False
