@@ -239,6 +239,40 @@ def run_batched(
     return results
 
 
+#: a per-item loop on a remote model goes to the server in at most this many requests,
+#: so progress and cancellation still come at least this often
+REQUESTS_PER_LOOP = 16
+
+
+def run_each(
+    handle: Any,
+    items: Sequence[Item],
+    work: Callable[[Item], Result],
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Result]:
+    """`work(item)` for every item, in order, for work bigger than a batch (each item
+    may run batch loops of its own, such as one candidate head scored on a task).
+
+    Locally the items run one by one, `progress(done, total)` after each. On a remote
+    model they go in at most `REQUESTS_PER_LOOP` requests of consecutive items, each
+    run on the server (`ModelHandle.in_one_request`), with progress after each
+    request; `work` then follows `run_batched`'s rules for code run on the server.
+    """
+    total = len(items)
+    remote = bool(getattr(handle, "remote", False))
+    per_request = -(-total // REQUESTS_PER_LOOP) if remote else 1
+    results: list[Result] = []
+    for start in range(0, total, max(1, per_request)):
+        chunk = list(items[start : start + per_request])
+        if remote:
+            results += handle.in_one_request(lambda chunk=chunk: [work(i) for i in chunk])
+        else:
+            results += [work(item) for item in chunk]
+        if progress is not None and not getattr(handle, "in_request", False):
+            progress(len(results), total)
+    return results
+
+
 def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from headscope.core import compare, stats
 from headscope.core import tracing as T
 from headscope.core.analysis import Analysis, Finding, RunContext, top_heads
-from headscope.core.budget import MemoryBudget, run_batched
+from headscope.core.budget import MemoryBudget, run_batched, run_each
 from headscope.core.errors import InvalidParamsError
 from headscope.core.plots import head_heatmap
 from headscope.core.tasks import TaskData, prepare_task
@@ -321,13 +321,24 @@ class AttentionSinks(Analysis):
         base_mean = sum(base) / len(base)
         gains = torch.zeros(handle.n_layers, handle.n_heads)
         candidates = [(layer, head) for layer in layers for head in range(handle.n_heads)]
-        for done, (layer, head) in enumerate(candidates):
-            ctx.check_cancelled()
-            ctx.progress(done, len(candidates), f"filtering heads: L{layer}H{head}")
-            if not cal.has_sinks(layer, head):
-                continue  # nothing to calibrate: the head is unchanged
-            metric = cal.outcomes(handle, T.head_map({layer: [head]}), params.beta)["metric"]
-            gains[layer, head] = sum(metric) / len(metric) - base_mean
+        # a head without sinks has nothing to calibrate: it is unchanged, gain 0
+        tried = [(layer, head) for layer, head in candidates if cal.has_sinks(layer, head)]
+
+        def gain(head: tuple[int, int]) -> float:
+            metric = cal.outcomes(handle, T.head_map([head]), params.beta)["metric"]
+            return sum(metric) / len(metric) - base_mean
+
+        ctx.progress(0, len(tried), "filtering heads")
+        found = run_each(
+            handle,
+            tried,
+            gain,
+            progress=lambda done, total: ctx.progress(
+                done, total, f"filtering heads: {done}/{total}"
+            ),
+        )
+        for head, value in zip(tried, found, strict=True):
+            gains[head] = value
         ranked = sorted(candidates, key=lambda h: (-float(gains[h]), h))
         kept = [h for h in ranked if float(gains[h]) > params.min_gain]
         if params.max_heads is not None:

@@ -135,3 +135,30 @@ def test_an_error_on_the_server_comes_back_and_leaves_the_handle_remote():
         assert handle.remote == "local" and not handle.in_request
     finally:
         handle.remote = False
+
+
+def test_a_per_item_loop_goes_in_a_bounded_number_of_requests(monkeypatch):
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    from headscope.core.budget import REQUESTS_PER_LOOP, run_each
+
+    handle = tiny_handle("llama")
+    prompts = [[1 + i % 7, 2, 3 + i % 5, 4] for i in range(40)]
+    local = run_each(handle, prompts, lambda p: last_row_argmax(handle, [p])[0])
+    requests, send = [], LocalSimulationBackend.__call__
+    monkeypatch.setattr(
+        LocalSimulationBackend, "__call__", lambda self, t: requests.append(1) or send(self, t)
+    )
+    reported = []
+    handle.remote = "local"
+    try:
+        remote = run_each(
+            handle, prompts, lambda p: last_row_argmax(handle, [p])[0],
+            progress=lambda done, total: reported.append(done),
+        )  # fmt: skip
+    finally:
+        handle.remote = False
+    assert len(requests) == 14 <= REQUESTS_PER_LOOP  # 3 items per request
+    assert reported == [min(40, 3 * k) for k in range(1, 15)]
+    for a, b in zip(local, remote, strict=True):
+        assert torch.equal(a, b)
